@@ -1,0 +1,3 @@
+"""RunDPO-compatible API server."""
+
+__version__ = "0.1.0"
