@@ -8,6 +8,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -34,9 +35,13 @@ class Base(DeclarativeBase):
 
 class Account(Base):
     __tablename__ = "accounts"
+    __table_args__ = (CheckConstraint("balance_micro >= 0", name="ck_accounts_balance"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # The sum of the account's ledger entries, kept in the same transaction as each entry so
+    # that a hold can check and take credits in one conditional UPDATE.
+    balance_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="account")
@@ -118,6 +123,7 @@ class Run(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
+    price_per_million_tokens: Mapped[float] = mapped_column(default=0.0)
     hold_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_micro: Mapped[int | None] = mapped_column(BigInteger)
     tokens_trained: Mapped[int | None] = mapped_column(BigInteger)
