@@ -13,6 +13,7 @@ from app.db import session_scope
 from app.errors import install_error_handlers
 from app.queue import enqueue_pending_runs
 from app.routes import account, downloads, files, health, runs
+from app.runs import fail_lost_runs
 from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -20,27 +21,32 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/api/v2"
 
 
-def _enqueue_pending() -> int:
+def _housekeeping() -> None:
+    """Send runs committed while the broker was unreachable; fail runs of lost workers.
+
+    Workers sweep lost runs too; the API does it as well so that runs do not stay stuck
+    when every worker is gone.
+    """
     with session_scope() as session:
-        return enqueue_pending_runs(session)
+        sent = enqueue_pending_runs(session)
+    if sent:
+        logger.info("enqueued %d runs that were waiting for the broker", sent)
+    with session_scope() as session:
+        fail_lost_runs(session, get_settings())
 
 
-async def _retry_enqueue_forever(interval_s: float) -> None:
-    """Send runs that were committed while the broker was unreachable."""
+async def _housekeeping_forever(interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            sent = await run_in_threadpool(_enqueue_pending)
+            await run_in_threadpool(_housekeeping)
         except Exception:
-            logger.exception("retrying the enqueue of pending runs failed")
-            continue
-        if sent:
-            logger.info("enqueued %d runs that were waiting for the broker", sent)
+            logger.exception("housekeeping failed; retrying in %.0f s", interval_s)
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    task = asyncio.create_task(_retry_enqueue_forever(get_settings().enqueue_retry_s))
+    task = asyncio.create_task(_housekeeping_forever(get_settings().enqueue_retry_s))
     try:
         yield
     finally:

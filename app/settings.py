@@ -111,7 +111,10 @@ class Settings(BaseSettings):
         description="Train on the CPU when a worker has no GPU (slow; for demos and tests).",
     )
     enqueue_retry_s: int = Field(
-        default=15, ge=1, description="How often runs that could not be enqueued are retried."
+        default=15,
+        ge=1,
+        description="How often the API retries runs that could not be enqueued and fails runs "
+        "of lost workers.",
     )
 
     @model_validator(mode="after")

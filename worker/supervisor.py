@@ -202,7 +202,8 @@ class RunSupervisor:
     def _prepare(self, lease: GpuLease | None) -> Path:
         """Write the job file: the base model's directory, the pairs, every parameter."""
         from worker.model_store import ModelUnavailable, resolve_model
-        from worker.training.job import TrainingJob
+        from app.params import RunParams
+        from worker.training.job import HubData, PairsData, TrainingJob
 
         shutil.rmtree(self.work_dir, ignore_errors=True)
         self.work_dir.mkdir(parents=True)
@@ -225,18 +226,18 @@ class RunSupervisor:
             raise RunFailure(f"Model unavailable: {exc}") from None
 
         if upload is not None:
-            data = {"kind": "pairs", "path": str(self._write_pairs(upload))}
+            data = PairsData(path=self._write_pairs(upload))
         else:
-            data = {"kind": "hf", "sft_dataset": hf_names[0], "dpo_dataset": hf_names[1]}
+            data = HubData(sft_dataset=hf_names[0], dpo_dataset=hf_names[1])
 
         job = TrainingJob(
             run_name=self.run_name,
             base_model=base_model,
-            model_dir=str(model_dir),
+            model_dir=Path(model_dir),
             data=data,
-            params=params,
-            output_dir=str(self.work_dir / "output"),
-            progress_path=str(self.work_dir / "progress.jsonl"),
+            params=RunParams.model_validate(params),
+            output_dir=self.work_dir / "output",
+            progress_path=self.work_dir / "progress.jsonl",
             seed=42,
             use_cpu=lease is None,
         )
