@@ -1,0 +1,1 @@
+"""Celery worker side of the service: model imports and the training child process."""
