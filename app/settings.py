@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     s3_access_key_id: str = Field(default="", description="S3 access key id.")
     s3_secret_access_key: str = Field(default="", description="S3 secret access key.")
     s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_public_endpoint_url: str = Field(
+        default="",
+        description="S3 endpoint that presigned download links point at, as users reach it; "
+        "empty means s3_endpoint_url.",
+    )
 
     signing_secret: str = Field(
         default="",

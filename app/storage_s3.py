@@ -204,7 +204,7 @@ class S3Storage(Storage):
             parsed.netloc,
             parsed.path,
             endpoint_url=settings.s3_endpoint_url,
-            public_endpoint_url=getattr(settings, "s3_public_endpoint_url", ""),
+            public_endpoint_url=settings.s3_public_endpoint_url,
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,
             region=settings.s3_region,
