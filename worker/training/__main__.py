@@ -49,7 +49,8 @@ def configure_logging(job: TrainingJob, rank: int) -> None:
         handler.addFilter(context)
     # A no-op when the root logger already has handlers (for example under pytest).
     logging.basicConfig(level=logging.INFO, handlers=handlers)
-    # transformers and TRL log through their own handlers unless told to propagate.
+    # transformers and TRL write to their own stderr handler by default. Propagating to the
+    # root handlers instead puts the run name on their lines too.
     import transformers
 
     transformers.utils.logging.disable_default_handler()
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
         kind, reason = classify_failure(exc, on_gpu=state.device.type == "cuda")
         logger.error("run failed (%s): %s", kind, reason, exc_info=kind == "internal")
         # NOTE: only the main process writes the error event. When another rank fails
-        # alone, the launcher stops every rank and the parent sees exit status 1 with no
+        # alone, the launcher stops every rank, and the parent gets exit status 1 with no
         # error event.
         reporter.error(kind, reason)
         return 1

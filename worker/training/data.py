@@ -33,7 +33,7 @@ class TrainingData:
 
 
 def load_pairs_file(path: Path) -> list[dict[str, Messages]]:
-    """Read a JSONL file of preference pairs; raise DataError naming the first bad line."""
+    """Read a JSONL file of preference pairs, raising DataError that names the first bad line."""
     if not path.is_file():
         raise DataError(f"the pairs file {path} does not exist")
     pairs = []
@@ -69,7 +69,7 @@ def _load_rows(name: str) -> list[dict[str, Any]]:
     try:
         loaded = datasets.load_dataset(name)
     # `load_dataset` raises many unrelated types (missing repo, offline cache miss, bad
-    # files); each of them means this data set cannot be used.
+    # files), and each of them means this data set cannot be used.
     except Exception as exc:
         raise DataError(f"the data set {name!r} could not be loaded: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
@@ -112,7 +112,7 @@ def load_hub_conversations(name: str) -> list[dict[str, Messages]]:
             else:
                 columns = ", ".join(row)
                 raise ValueError(
-                    f"has columns {columns}; an SFT data set needs a `messages` column or"
+                    f"has columns {columns}, but an SFT data set needs a `messages` column or"
                     " `prompt` and `completion` columns"
                 )
         except ValueError as exc:
@@ -176,8 +176,8 @@ def fit_prompt(
 ) -> Messages | None:
     """Shorten `prompt` from the left so that the longest completion fits in `max_length` tokens.
 
-    The answer keeps up to half of `max_length`. Oldest messages go first (the system message
-    last), then the start of the last remaining message is cut token by token. Returns the
+    Up to half of `max_length` is kept for the response. Oldest messages go first (the system
+    message last), then the start of the last remaining message is cut token by token. Returns the
     prompt unchanged when it already fits, or None when even an empty message leaves no room.
     """
     prompt_tokens = count_tokens(tokenizer, prompt, add_generation_prompt=True)
@@ -218,7 +218,10 @@ def fit_rows(
     completion_keys: tuple[str, ...],
     max_length: int,
 ) -> tuple[list[dict[str, Messages]], int, int]:
-    """Fit every row's prompt; return the rows that fit, how many were cut and how many dropped."""
+    """Fit every row's prompt.
+
+    Return the rows that fit, the number of truncated prompts and the number of dropped rows.
+    """
     fitted, truncated, dropped = [], 0, 0
     for row in rows:
         completions = [row[key] for key in completion_keys]

@@ -10,7 +10,7 @@ class JobError(Exception):
 
 
 class DataError(JobError):
-    """Training data that is missing, unreadable or invalid; the message names the data set."""
+    """Training data that is missing, unreadable or invalid. The message names the data set."""
 
     kind = "data"
 
@@ -23,14 +23,14 @@ class TrainingDiverged(JobError):
     def __init__(self, phase: str, step: int, value: float) -> None:
         super().__init__(
             f"training diverged at step {step} of {phase.upper()}: the loss or gradient norm"
-            f" became {value}; lower the learning rate"
+            f" became {value}. Lower the learning rate"
         )
         self.phase = phase
         self.step = step
 
 
 OUT_OF_MEMORY_REASON = (
-    "Out of memory: the batch did not fit in {where} memory; lower the batch size or"
+    "Out of memory: the batch did not fit in {where} memory. Lower the batch size or"
     " dpo_max_length, or enable gradient checkpointing"
 )
 

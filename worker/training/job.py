@@ -78,7 +78,7 @@ class TrainingJob:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainingJob":
-        """Parse a job file; raise ValueError naming the first missing or invalid key."""
+        """Parse a job file, raising ValueError that names the missing or invalid keys."""
         raw = json.loads(text)
         if not isinstance(raw, dict):
             raise ValueError("the job must be a JSON object")
@@ -133,4 +133,4 @@ def _parse_data(raw: Any) -> DataSource:
         return PairsData(path=Path(raw["path"]))
     if kind == "hf":
         return HubData(sft_dataset=str(raw["sft_dataset"]), dpo_dataset=str(raw["dpo_dataset"]))
-    raise ValueError(f"data.kind is {kind!r}; expected 'pairs' or 'hf'")
+    raise ValueError(f"data.kind is {kind!r}, expected 'pairs' or 'hf'")

@@ -22,9 +22,10 @@ CHATML_TEMPLATE = (
 def load_tokenizer(
     model_dir: Path, model_name: str, reporter: ProgressReporter
 ) -> PreTrainedTokenizerBase:
-    """Load the tokenizer; set a pad token and a chat template when the model has none."""
+    """Load the tokenizer, and set a pad token and a chat template where the model has none."""
     if not (model_dir / "config.json").is_file():
-        raise ModelUnavailable(model_name, "the model directory has no config.json", [str(model_dir)])
+        reason = "the model directory has no config.json"
+        raise ModelUnavailable(model_name, reason, [str(model_dir)])
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
@@ -33,21 +34,28 @@ def load_tokenizer(
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelUnavailable(
-                model_name, "its tokenizer has neither a pad token nor an EOS token", [str(model_dir)]
+                model_name,
+                "its tokenizer has neither a pad token nor an EOS token",
+                [str(model_dir)],
             )
         tokenizer.pad_token = tokenizer.eos_token
-        reporter.message(f"The tokenizer has no pad token; using the EOS token {tokenizer.eos_token!r}.")
+        reporter.message(
+            f"The tokenizer has no pad token, so the EOS token {tokenizer.eos_token!r} pads."
+        )
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
-        reporter.message("The tokenizer has no chat template; using ChatML (<|im_start|> role turns).")
+        reporter.message(
+            "The tokenizer has no chat template, so conversations use ChatML"
+            " (<|im_start|>role ... <|im_end|> turns)."
+        )
     return tokenizer
 
 
 def load_model(model_dir: Path, model_name: str) -> torch.nn.Module:
     """Load the base model in fp32 with PyTorch's SDPA attention.
 
-    Mixed precision, where enabled, comes from the trainer's autocast; fp32 master weights
-    keep the merged SFT weights and the published adapter exact.
+    Mixed precision, where enabled, comes from the trainer's autocast. The fp32 weights keep
+    the merged SFT model and the published adapter exact.
     """
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 def run_job(job: TrainingJob, reporter: ProgressReporter) -> None:
-    """Train SFT then DPO and publish one adapter; raise on failure (see `errors`)."""
+    """Train SFT then DPO and publish one adapter, raising a `JobError` or OOM on failure."""
     params = job.params
     state = PartialState()
     work_dir = job.output_dir / "work"
@@ -49,7 +49,7 @@ def run_job(job: TrainingJob, reporter: ProgressReporter) -> None:
     )
 
     reporter.status(RunStatus.TRAINING_SFT)
-    train(sft_trainer, sft_progress)
+    train(sft_trainer, sft_progress, reporter)
     if state.is_main_process:
         sft_trainer.model.save_pretrained(job.sft_adapter_dir)
 
@@ -60,7 +60,9 @@ def run_job(job: TrainingJob, reporter: ProgressReporter) -> None:
     reporter.status(RunStatus.LAUNCHING_DPO)
     use_bf16 = params.dpo_bf16 and bf16_supported(job.use_cpu)
     if params.dpo_bf16 and not use_bf16:
-        reporter.message("dpo_bf16 is set but this device has no bf16 support; DPO trains in fp32.")
+        reporter.message(
+            "dpo_bf16 is set but this device has no bf16 support, so DPO trains in fp32."
+        )
     dpo_progress = ProgressCallback(reporter, "dpo")
     dpo_trainer = DPOTrainer(
         model=model,
@@ -73,7 +75,7 @@ def run_job(job: TrainingJob, reporter: ProgressReporter) -> None:
     )
 
     reporter.status(RunStatus.TRAINING_DPO)
-    train(dpo_trainer, dpo_progress)
+    train(dpo_trainer, dpo_progress, reporter)
     if state.is_main_process:
         dpo_trainer.model.save_pretrained(job.dpo_adapter_dir)
     del dpo_trainer, model
@@ -104,7 +106,10 @@ def load_training_data(
     if isinstance(job.data, PairsData):
         pairs = training_data.load_pairs_file(job.data.path)
         sft_rows = training_data.sample_sft_rows(pairs, params.sft_ratio, job.seed)
-        source = f"{job.data.path.name}: {len(pairs)} preference pairs, SFT on {len(sft_rows)} of them"
+        source = (
+            f"{job.data.path.name}: {len(pairs)} preference pairs,"
+            f" SFT on {len(sft_rows)} of them"
+        )
     else:
         sft_rows = training_data.load_hub_conversations(job.data.sft_dataset)
         pairs = training_data.load_hub_pairs(job.data.dpo_dataset)
@@ -128,7 +133,9 @@ def fit_and_report(
     phase: str,
     reporter: ProgressReporter,
 ) -> list[dict]:
-    fitted, truncated, dropped = training_data.fit_rows(tokenizer, rows, completion_keys, max_length)
+    fitted, truncated, dropped = training_data.fit_rows(
+        tokenizer, rows, completion_keys, max_length
+    )
     if truncated:
         reporter.message(
             f"{truncated} of {len(rows)} {phase} prompts left no room for the response within"
@@ -150,7 +157,11 @@ def fit_and_report(
 
 def lora_config(rank: int, alpha: int) -> LoraConfig:
     return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
 
 
@@ -173,7 +184,13 @@ def common_args(job: TrainingJob, output_dir: Path) -> dict[str, Any]:
 
 
 def sft_config(job: TrainingJob, output_dir: Path) -> SFTConfig:
-    """SFT on prompt-completion rows, so the loss covers completion (assistant) tokens only."""
+    """SFT on prompt-completion rows, so the loss covers completion (assistant) tokens only.
+
+    Packing uses TRL's default "bfd" strategy, which is padding-free: the collator sends
+    position ids that restart at each sequence and no attention mask. transformers 5.25
+    turns those position ids into a block-diagonal mask for SDPA, so packed sequences do not
+    attend to each other (checked in the tests on the CPU).
+    """
     params = job.params
     return SFTConfig(
         **common_args(job, output_dir),
@@ -204,8 +221,11 @@ def dpo_config(job: TrainingJob, output_dir: Path, use_bf16: bool) -> DPOConfig:
     )
 
 
-def train(trainer: Trainer, progress: ProgressCallback) -> None:
-    """Run one phase; raise TrainingDiverged when its loss became NaN or infinite."""
+def train(trainer: Trainer, progress: ProgressCallback, reporter: ProgressReporter) -> None:
+    """Run one phase, raising TrainingDiverged when its loss became NaN or infinite.
+
+    Reports the phase's duration, throughput in non-pad tokens per second and peak memory.
+    """
     # Progress goes to the progress file and the log, not to stdout.
     trainer.remove_callback(PrinterCallback)
     started = time.monotonic()
@@ -215,20 +235,16 @@ def train(trainer: Trainer, progress: ProgressCallback) -> None:
 
     elapsed_s = time.monotonic() - started
     steps = max(trainer.state.global_step, 1)
-    logger.info(
-        "%s: %d steps in %.1f s (%.2f s/step), %d tokens, %.0f tokens/s, peak memory %s",
-        progress.phase.upper(),
-        trainer.state.global_step,
-        elapsed_s,
-        elapsed_s / steps,
-        progress.tokens_trained,
-        progress.tokens_trained / max(elapsed_s, 1e-9),
-        peak_memory(),
+    reporter.message(
+        f"{progress.phase.upper()}: {trainer.state.global_step} steps in {elapsed_s:.1f} s"
+        f" ({elapsed_s / steps:.2f} s/step), {progress.tokens_trained} tokens,"
+        f" {progress.tokens_trained / max(elapsed_s, 1e-9):.0f} tokens/s,"
+        f" peak memory of the main process: {peak_memory()}"
     )
 
 
 def peak_memory() -> str:
-    """Describe peak memory: the process's maximum RSS, and GPU memory when CUDA is used."""
+    """Describe this process's peak memory: maximum RSS, and GPU memory when CUDA is used."""
     # Linux reports ru_maxrss in KiB.
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     text = f"RSS {rss_gib:.2f} GiB"
