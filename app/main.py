@@ -12,7 +12,7 @@ from app import __version__
 from app.db import session_scope
 from app.errors import install_error_handlers
 from app.queue import enqueue_pending_runs
-from app.routes import account, downloads, files, health, runs
+from app.routes import account, downloads, events, files, health, runs
 from app.runs import fail_lost_runs
 from app.settings import get_settings
 
@@ -63,7 +63,7 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (files, runs, account, downloads):
+    for module in (files, runs, events, account, downloads):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(health.router)
     return app
