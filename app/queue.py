@@ -22,19 +22,28 @@ TRAIN_TASK = "worker.tasks.train_run"
 TRAIN_QUEUE = "training"
 
 
+# Redis hands an unacknowledged task out again after this long; a run still training then
+# gets a second delivery, which the worker ignores because the run is past Pending.
+REDIS_VISIBILITY_TIMEOUT_S = 600
+
+
 def celery_config(settings: Settings) -> dict:
     """Celery settings shared by the API (which only sends) and the worker."""
-    return {
+    config = {
         "broker_url": settings.broker_url,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": TRAIN_QUEUE,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"max_retries": 1, "interval_start": 0, "interval_max": 1},
         "task_serializer": "json",
         "accept_content": ["json"],
     }
+    # kombu's SQLAlchemy transport hands its transport options to create_engine, which
+    # rejects unknown keyword arguments, so only Redis gets any.
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        config["broker_transport_options"] = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
+    return config
 
 
 @lru_cache

@@ -129,6 +129,9 @@ def test_official_client_sync(live_api, service, tmp_path, monkeypatch):
     status = client.get_status(run_name)
     assert status["status"] == rundpo.RunStatus.PENDING
     assert status["percent"] == 0
+    with session_scope() as session:
+        run = session.scalar(select(Run).where(Run.name == run_name))
+        assert run.enqueued_at is not None, live_api.log()
     assert client.get_credits() < 100.0
 
     assert client.cancel_run(run_name) is True

@@ -10,14 +10,9 @@ from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
-# Redis redelivers an unacknowledged task after this long; a run still training then gets a
-# second delivery, which `train_run` ignores because the run is past Pending.
-VISIBILITY_TIMEOUT_S = 600
-
 celery = Celery("rundpo-worker", include=["worker.tasks"])
 celery.conf.update(celery_config(get_settings()))
 celery.conf.update(
-    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     worker_hijack_root_logger=False,
     task_track_started=True,
 )
