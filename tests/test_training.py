@@ -71,7 +71,7 @@ ADAPTER_TOLERANCE = 1e-5
 
 
 def real_pairs(count: int) -> list[dict]:
-    """Return `count` canonical pairs from the real data, skipping pairs with equal answers."""
+    """Return `count` canonical pairs from the real data, skipping pairs with chosen == rejected."""
     pairs = []
     with STRINGS_FILE.open(encoding="utf-8") as stream:
         for line in stream:
@@ -477,7 +477,10 @@ def test_hub_datasets_train_to_done(tmp_path: Path, tiny_model_dir: Path):  # no
     (dpo_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
     sft_dir = tmp_path / "sft"
     sft_dir.mkdir()
-    rows = [{"prompt": "Say hi.", "completion": "Hi!"}, {"prompt": "Say bye.", "completion": "Bye!"}]
+    rows = [
+        {"prompt": "Say hi.", "completion": "Hi!"},
+        {"prompt": "Say bye.", "completion": "Bye!"},
+    ]
     (sft_dir / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     job_path = write_job(tmp_path / "run", tiny_model_dir, [])
     job = TrainingJob.from_json(job_path.read_text())

@@ -60,9 +60,10 @@ def write_training_log(adapter_dir: Path, events: list[dict[str, Any]]) -> None:
 def model_card(job: TrainingJob, data_summary: dict[str, Any], metrics: dict[str, Any]) -> str:
     params = job.params
     rank = params.sft_lora_r + params.dpo_lora_r
-    parameter_rows = "\n".join(
-        f"| `{name}` | `{value}` |" for name, value in params.model_dump(mode="json").items()
-    )
+    # `params.base_model` keeps its default when a job leaves it out, so the job's own base
+    # model is shown instead.
+    used = {**params.model_dump(mode="json"), "base_model": job.base_model}
+    parameter_rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in used.items())
     metric_rows = "\n".join(
         f"| {phase} | `{name}` | {value} |"
         for phase, values in metrics.items()

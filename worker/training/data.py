@@ -122,7 +122,7 @@ def load_hub_conversations(name: str) -> list[dict[str, Messages]]:
     return rows
 
 
-def _check_messages(messages: Any, what: str) -> Messages:
+def _check_messages(messages: Any, field_name: str) -> Messages:
     if not isinstance(messages, list) or not all(
         isinstance(message, dict)
         and message.get("role") in ("system", "user", "assistant")
@@ -130,7 +130,7 @@ def _check_messages(messages: Any, what: str) -> Messages:
         for message in messages
     ):
         raise ValueError(
-            f"{what} must be a list of messages with a role (system, user or assistant)"
+            f"{field_name} must be a list of messages with a role (system, user or assistant)"
             " and string content"
         )
     return [{"role": message["role"], "content": message["content"]} for message in messages]
@@ -181,11 +181,11 @@ def fit_prompt(
     prompt unchanged when it already fits, or None when even an empty message leaves no room.
     """
     prompt_tokens = count_tokens(tokenizer, prompt, add_generation_prompt=True)
-    answer_tokens = max(
+    response_tokens = max(
         count_tokens(tokenizer, prompt + completion) - prompt_tokens for completion in completions
     )
-    budget = max_length - min(answer_tokens, max_length // 2)
-    if prompt_tokens + answer_tokens <= max_length or prompt_tokens <= budget:
+    budget = max_length - min(response_tokens, max_length // 2)
+    if prompt_tokens + response_tokens <= max_length or prompt_tokens <= budget:
         return prompt
 
     messages = list(prompt)
