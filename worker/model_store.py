@@ -85,6 +85,7 @@ def _hub_snapshot(name: str, repo_id: str) -> Path:
             looked_in,
         )
     looked_in.append(f"{constants.ENDPOINT}/{repo_id}")
+    # NOTE: the tests run offline, so this download branch has not been exercised.
     try:
         path = snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:

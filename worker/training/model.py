@@ -67,4 +67,6 @@ def load_model(model_dir: Path, model_name: str) -> torch.nn.Module:
 
 def bf16_supported(use_cpu: bool) -> bool:
     """Return whether bf16 mixed precision is worth using: a CUDA GPU with bf16 support."""
+    # NOTE: the tests run on the CPU only, so bf16 autocast and multi-GPU (NCCL) training
+    # have not been run against this code.
     return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
