@@ -6,13 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app import __version__
 from app.db import session_scope
 from app.errors import install_error_handlers
 from app.queue import enqueue_pending_runs
-from app.routes import account, downloads, events, files, health, runs
+from app.routes import account, dashboard, downloads, events, files, health, runs
 from app.runs import fail_lost_runs
 from app.settings import get_settings
 
@@ -66,4 +67,8 @@ def create_app() -> FastAPI:
     for module in (files, runs, events, account, downloads):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(health.router)
+    app.include_router(dashboard.router)
+    app.mount(
+        "/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static"
+    )
     return app
