@@ -21,7 +21,8 @@ class HubData:
     """Two Hugging Face data sets: conversations for SFT and preference pairs for DPO.
 
     Each name is anything `datasets.load_dataset` accepts: a hub id (read from the local cache
-    when the host is offline) or a local path.
+    when the host is offline) or a local path. SFT uses the whole SFT data set, so
+    `sft_ratio` applies to pairs files only.
     """
 
     sft_dataset: str
