@@ -7,13 +7,14 @@ SmolLM2-135M-Instruct with parameters sized for a CPU, prints each status as it 
 and downloads the adapter. Finally it scores held-out pairs with the base model and with
 base + adapter.
 
-Run it with `make demo`. Data and the imported model stay in `var/demo/`, so a second run
-reuses the model.
+Run it with `make demo`. The imported model stays in `var/demo/models/`, so a second run
+reuses it; the database and storage in `var/demo/data/` start empty each time.
 """
 
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -207,10 +208,13 @@ def compare(model_dir: Path, adapter_dir: Path, held_out: list[dict]) -> None:
 
 def main() -> int:
     started = time.monotonic()
+    # Each demo starts with an empty database and storage; only the imported model is kept.
+    shutil.rmtree(DEMO_DIR / "data", ignore_errors=True)
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "RUNDPO_DATA_DIR": str(DEMO_DIR / "data"),
+        "RUNDPO_MODELS_DIR": str(DEMO_DIR / "models"),
         "RUNDPO_ALLOW_CPU_TRAINING": "true",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -38,6 +38,13 @@ def service_with_model(monkeypatch, tmp_path, weights: str, **extra: str):
     return make_service(monkeypatch, tmp_path, f"sqlite:///{tmp_path / 'data' / 'rundpo.db'}", **env)
 
 
+def write_pairs_file(tmp_path: Path, count: int) -> Path:
+    path = tmp_path / f"pairs-{count}.jsonl"
+    with open(DATA_DIR / "instruction_preference.strings.jsonl") as source:
+        path.write_text("".join(source.readline() for _ in range(count)))
+    return path
+
+
 def start_run(key: str, pairs: int = 16, **params) -> str:
     """Upload `pairs` real pairs and create a Pending run on them, as the API does."""
     with open(DATA_DIR / "instruction_preference.strings.jsonl", "rb") as source:
