@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from app.settings import Settings, get_settings
 from app.statuses import TERMINAL, TRAINING, InvalidTransition, RunStatus
 from app.storage import Storage, adapter_key, make_storage
 from worker.gpus import GpuLease, acquire_gpus, detect_gpu_count, worker_id
+from worker.training.launch import training_command
 
 logger = logging.getLogger(__name__)
 
@@ -275,19 +275,6 @@ class RunSupervisor:
             )
         return pairs_path
 
-    def _command(self, job_path: Path, lease: GpuLease | None) -> list[str]:
-        processes = len(lease.indices) if lease is not None else 1
-        if processes == 1:
-            return [sys.executable, "-m", "worker.training", str(job_path)]
-        return [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--num_processes", str(processes),
-            "--num_machines", "1",
-            "--mixed_precision", "no",
-            "--dynamo_backend", "no",
-            "-m", "worker.training", str(job_path),
-        ]  # fmt: skip
-
     def _train(self, job_path: Path, lease: GpuLease | None) -> dict[str, Any]:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices if lease is not None else ""
@@ -297,8 +284,9 @@ class RunSupervisor:
         progress_path.touch()
 
         with open(log_path, "ab") as log_file:
+            processes = len(lease.indices) if lease is not None else 1
             process = subprocess.Popen(
-                self._command(job_path, lease),
+                training_command(job_path, processes),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=env,
