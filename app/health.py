@@ -8,7 +8,7 @@ from app.settings import Settings
 
 
 def check_database() -> str | None:
-    """Return None when the database answers, else the error."""
+    """Return None when a query on the database succeeds, else the error."""
     try:
         with get_engine().connect() as connection:
             connection.execute(text("SELECT 1"))

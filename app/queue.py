@@ -22,8 +22,8 @@ TRAIN_TASK = "worker.tasks.train_run"
 TRAIN_QUEUE = "training"
 
 
-# Redis hands an unacknowledged task out again after this long; a run still training then
-# gets a second delivery, which the worker ignores because the run is past Pending.
+# Redis hands out an unacknowledged task again after this many seconds. A run still training
+# then gets a second delivery, which the worker ignores because the run is past Pending.
 REDIS_VISIBILITY_TIMEOUT_S = 600
 
 

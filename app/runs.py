@@ -116,8 +116,8 @@ def create_run(session: Session, settings: Settings, caller: Caller, request: Ru
 
 
 def _unused_run_name(session: Session) -> str:
-    # NOTE: two requests that draw the same free name at the same moment make the second
-    # fail on the unique constraint; the random suffix after three collisions makes that rare.
+    # NOTE: two requests that draw the same free name at the same moment make the second one
+    # fail on the unique constraint. The random suffix after three collisions makes it rare.
     for attempt in range(10):
         name = new_run_name(attempt)
         if session.scalar(select(Run.id).where(Run.name == name)) is None:
@@ -215,7 +215,7 @@ def cancel_run(session: Session, caller: Caller, run_name: str | None) -> Run:
 
 
 def status_payload(run: Run, download_url: str | None) -> dict[str, Any]:
-    """The body of get_status: the fields the official client reads, then extras."""
+    """Build the body of get_status: the fields the official client reads, then extras."""
     payload: dict[str, Any] = {
         "run_name": run.name,
         "status": run.status,

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class CatalogModel(BaseModel):
-    """Where a base model's weights come from and what training on it costs."""
+    """A base model of the catalog: the source of its weights and its price."""
 
     weights: str = Field(
         description=(
@@ -81,9 +81,11 @@ class Settings(BaseSettings):
     )
     download_link_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
 
-    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024, description="Largest upload.")
+    max_upload_bytes: int = Field(
+        default=2 * 1024**3, ge=1024, description="Maximum size of an upload request, in bytes."
+    )
     max_line_bytes: int = Field(
-        default=4 * 1024**2, ge=1024, description="Longest single JSONL line in an upload."
+        default=4 * 1024**2, ge=1024, description="Maximum length of one JSONL line of an upload, in bytes."
     )
     rate_limit_per_minute: int = Field(
         default=600, ge=0, description="Requests per API key per minute; 0 disables the limit."

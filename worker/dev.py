@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 def run_dev(host: str, port: int) -> int:
     """Migrate, then run `api` and `worker` as child processes until one exits or Ctrl-C."""
     env = dict(os.environ)
-    # A development server trains on the CPU when the host has no GPU, unless told otherwise.
+    # A development server trains on the CPU when the host has no GPU, unless
+    # RUNDPO_ALLOW_CPU_TRAINING is already set.
     env.setdefault("RUNDPO_ALLOW_CPU_TRAINING", "true")
     env.setdefault("RUNDPO_PUBLIC_URL", f"http://{host}:{port}")
     os.environ.update(env)

@@ -14,7 +14,7 @@ router = APIRouter()
 
 @router.get("/download_adapter/{run_name}.zip")
 def download_adapter(run_name: str, token: str, session: SessionDep, settings: SettingsDep, storage: StorageDep):
-    """Download a finished run's adapter zip; the link's signed token stands in for the key."""
+    """Download a finished run's adapter zip; the link's signed token replaces the API key."""
     missing = not_found("Adapter not found, or the download link is invalid or expired. "
                         "Call get_status for a fresh download_url.")
     if not token_is_valid(settings, run_name, token):
