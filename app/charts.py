@@ -1,8 +1,8 @@
 """Line charts of training metrics as inline SVG, drawn on the server.
 
-The dashboard shows the loss and the DPO rewards with no JavaScript charting library: each
+The dashboard shows the loss and the DPO rewards with no JavaScript charting library. Each
 chart is an `<svg>` element with a polyline per series, two axes with tick labels, the axis
-names and a legend when there is more than one series.
+names, and a legend when there is more than one series.
 """
 
 import math
@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-WIDTH = 640
+WIDTH = 480
 HEIGHT = 280
 # Room around the plot area for the tick labels, the axis names and the legend.
-MARGIN_LEFT = 64
+MARGIN_LEFT = 60
 MARGIN_RIGHT = 16
-MARGIN_TOP = 28
+MARGIN_TOP = 32
 MARGIN_BOTTOM = 48
 # Series longer than this are thinned to evenly spaced points, always keeping the last one.
 MAX_POINTS = 500
@@ -51,7 +51,7 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def format_number(value: float) -> str:
-    """Format a tick or point value compactly: 1200 as 1.2k, 0.000005 as 5e-06."""
+    """Format a tick value compactly: 12000 as 12k, 0.000005 as 5e-06, 0.25 as 0.25."""
     if value == 0:
         return "0"
     magnitude = abs(value)
@@ -165,7 +165,7 @@ def line_chart(
             )
 
     if len(lines) > 1:
-        parts.append(_legend([name for name, _ in lines], right))
+        parts.append(_legend([name for name, _ in lines], left))
     parts.append("</svg>")
     return "".join(parts)
 
@@ -182,15 +182,14 @@ def _axis_labels(
     )
 
 
-def _legend(names: list[str], right: float) -> str:
+def _legend(names: list[str], left: float) -> str:
     parts = []
-    x = right
-    for index in reversed(range(len(names))):
-        label = escape(names[index])
-        # About 7 px per character at the chart's font size, then a swatch of 14 px.
-        x -= 7 * len(names[index]) + 30
+    x = left
+    for index, name in enumerate(names):
         parts.append(
-            f'<rect class="chart-swatch chart-line-{index}" x="{x}" y="8" width="14" height="4"/>'
-            f'<text class="chart-legend" x="{x + 18}" y="14">{label}</text>'
+            f'<rect class="chart-swatch chart-line-{index}" x="{x}" y="10" width="14" height="4"/>'
+            f'<text class="chart-legend" x="{x + 18}" y="16">{escape(name)}</text>'
         )
+        # The swatch, then an estimated 10 px per character, enough at the phone font size.
+        x += 18 + 10 * len(name) + 16
     return "".join(parts)

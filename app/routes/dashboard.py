@@ -339,6 +339,7 @@ def _run_context(session, settings, storage, web: WebSession, run: Run) -> dict[
         "timeline": dashboard.status_timeline(session, run),
         "messages": dashboard.messages(session, run),
         "charts": dashboard.metric_charts(session, run),
+        "chart_titles": [(chart_id, title) for chart_id, title, _, _ in dashboard.CHARTS],
         "web": web,
     }
 
