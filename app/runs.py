@@ -8,7 +8,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Row, func, select
 from sqlalchemy.orm import Session
 
 from app import credits
@@ -20,7 +20,7 @@ from app.models import PreferenceFile, Run, Worker, utcnow
 from app.names import new_run_name
 from app.params import RunRequest
 from app.settings import Settings
-from app.statuses import TERMINAL, RunStatus, check_transition
+from app.statuses import PIPELINE, TERMINAL, RunStatus, check_transition
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,10 @@ def set_status(
     run.status = status.value
     if percent is not None:
         run.percent = percent if changed else max(run.percent, percent)
-    if status == RunStatus.COMPLETE:
-        run.percent = 100.0
+    elif changed and status != RunStatus.FAILED:
+        # Percent is the progress of the current training phase: 0 until DPO training ends,
+        # then 100. A failed run keeps the percent it reached.
+        run.percent = 100.0 if PIPELINE.index(status) > PIPELINE.index(RunStatus.TRAINING_DPO) else 0.0
     if failure_reason is not None:
         run.failure_reason = failure_reason
     if status in TERMINAL:
@@ -214,16 +216,53 @@ def cancel_run(session: Session, caller: Caller, run_name: str | None) -> Run:
     return run
 
 
-def status_payload(run: Run, download_url: str | None) -> dict[str, Any]:
-    """Build the body of get_status: the fields the official client reads, then extras."""
+# The columns that `status_payload` and `download_url` read, so that get_status loads no more.
+STATUS_COLUMNS = (
+    Run.name,
+    Run.status,
+    Run.percent,
+    Run.failure_reason,
+    Run.base_model,
+    Run.file_id,
+    Run.created_at,
+    Run.started_at,
+    Run.finished_at,
+    Run.phase_started_at,
+    Run.step,
+    Run.total_steps,
+    Run.latest_metrics,
+    Run.cost_micro,
+    Run.hold_micro,
+    Run.adapter_key,
+)
+
+
+def get_status_row(db: Session | Connection, caller: Caller, run_name: str | None) -> Row:
+    """Return the `STATUS_COLUMNS` of the caller's run; 404 as `get_run` does."""
+    if not run_name:
+        raise ApiError(400, "Invalid request: run_name is missing. Pass the name run_dpo returned.")
+    row = db.execute(
+        select(*STATUS_COLUMNS).where(Run.name == run_name, Run.account_id == caller.account_id)
+    ).first()
+    if row is None:
+        raise not_found(f"Run {run_name!r} not found. Check the run_name that run_dpo returned.")
+    return row
+
+
+def status_payload(run: Run | Row, download_url: str | None) -> dict[str, Any]:
+    """Build the body of get_status: the fields the official client reads, then extras.
+
+    `run` is a Run or a row with the `STATUS_COLUMNS`.
+    """
+    status = RunStatus(run.status)
     payload: dict[str, Any] = {
         "run_name": run.name,
         "status": run.status,
         "percent": round(run.percent, 2),
     }
-    if run.run_status == RunStatus.COMPLETE and download_url:
+    if status == RunStatus.COMPLETE and download_url:
         payload["download_url"] = download_url
-    if run.run_status == RunStatus.FAILED:
+    if status == RunStatus.FAILED:
         payload["failure_reason"] = run.failure_reason or "The run failed."
     payload.update(
         {
@@ -235,7 +274,7 @@ def status_payload(run: Run, download_url: str | None) -> dict[str, Any]:
             "step": run.step,
             "total_steps": run.total_steps,
             "metrics": run.latest_metrics or {},
-            "eta_s": _eta_s(run),
+            "eta_s": _eta_s(run, status),
             "cost": credits.to_credits(run.cost_micro if run.cost_micro is not None else run.hold_micro),
         }
     )
@@ -247,10 +286,10 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-def _eta_s(run: Run) -> float | None:
+def _eta_s(run: Run | Row, status: RunStatus) -> float | None:
     """Estimate the seconds left in the current training phase from its pace so far."""
     started = as_utc(run.phase_started_at)
-    if run.run_status not in (RunStatus.TRAINING_SFT, RunStatus.TRAINING_DPO) or started is None:
+    if status not in (RunStatus.TRAINING_SFT, RunStatus.TRAINING_DPO) or started is None:
         return None
     if not run.step or not run.total_steps or run.step < 3:
         return None

@@ -79,7 +79,12 @@ class Settings(BaseSettings):
         description="Secret that signs download links. Empty means a random secret kept in "
         "`<data_dir>/signing_secret`, created on first use.",
     )
-    download_link_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    download_link_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=60, description="Lifetime of a download link, in seconds."
+    )
+    web_session_ttl_s: int = Field(
+        default=12 * 3600, ge=60, description="Lifetime of a dashboard sign-in, in seconds."
+    )
 
     max_upload_bytes: int = Field(
         default=2 * 1024**3, ge=1024, description="Maximum size of an upload request, in bytes."

@@ -39,8 +39,7 @@ SIGN_IN_COOKIE = "rundpo_sign_in"
 COOKIE_PATH = "/dashboard"
 CSRF_FIELD = "csrf_token"
 
-# How long a dashboard session lasts after sign-in. Activity does not extend it.
-SESSION_TTL_S = 12 * 3600
+# A dashboard session lasts `web_session_ttl_s` after sign-in; activity does not extend it.
 # How long a sign-in form stays valid after the page was loaded.
 SIGN_IN_TTL_S = 3600
 
@@ -145,7 +144,10 @@ def start_session(settings: Settings, caller: Caller) -> str:
     """Return the cookie value of a new session for `caller`'s API key."""
     session_id = secrets.token_urlsafe(18)
     token = sign_token(
-        signing_secret(settings), _SESSION_PURPOSE, f"{caller.key_id}:{session_id}", SESSION_TTL_S
+        signing_secret(settings),
+        _SESSION_PURPOSE,
+        f"{caller.key_id}:{session_id}",
+        settings.web_session_ttl_s,
     )
     logger.info("dashboard sign-in: account %s, key %s", caller.account_id, caller.key_prefix)
     return f"{caller.key_id}.{session_id}.{token}"
@@ -192,8 +194,10 @@ def end_session(settings: Settings, web_session: WebSession) -> None:
     )
 
 
-def set_session_cookie(response: Response, request: Request, value: str) -> None:
-    _set_cookie(response, request, SESSION_COOKIE, value, SESSION_TTL_S)
+def set_session_cookie(
+    response: Response, request: Request, settings: Settings, value: str
+) -> None:
+    _set_cookie(response, request, SESSION_COOKIE, value, settings.web_session_ttl_s)
 
 
 def clear_session_cookie(response: Response, request: Request) -> None:

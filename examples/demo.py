@@ -122,7 +122,7 @@ def train(env: dict[str, str], api_key: str, base_url: str, train_path: Path) ->
     import rundpo
 
     client = rundpo.RundpoClient(api_key=api_key, base_url=base_url)
-    log(f"credits: {client.get_credits():.2f}")
+    log(f"credits: {client.get_credits():.6f}")
 
     upload = client.upload_file(str(train_path))
     log(f"uploaded {train_path.name}: {upload.line_count} pairs, file_id {upload.file_id}")
@@ -157,7 +157,7 @@ def train(env: dict[str, str], api_key: str, base_url: str, train_path: Path) ->
     adapter_dir = rundpo.download_and_extract(
         status["download_url"], run_name, cache_dir=DEMO_DIR / "adapters"
     )
-    log(f"credits after settlement: {client.get_credits():.2f}")
+    log(f"credits after settlement: {client.get_credits():.6f}")
     return adapter_dir
 
 

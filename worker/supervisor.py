@@ -342,7 +342,7 @@ class RunSupervisor:
         if kind == "status":
             status = RunStatus(event["status"])
             try:
-                set_status(session, run, status, percent=0.0)
+                set_status(session, run, status)
             except InvalidTransition as exc:
                 self._log(logging.WARNING, "ignored a status event: %s", exc)
                 return

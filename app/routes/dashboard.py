@@ -201,7 +201,9 @@ def sign_in(
         return _sign_in_form(request, settings, 401, error=error)
 
     response = RedirectResponse(PREFIX, status_code=303)
-    web_session.set_session_cookie(response, request, web_session.start_session(settings, caller))
+    web_session.set_session_cookie(
+        response, request, settings, web_session.start_session(settings, caller)
+    )
     web_session.clear_sign_in_cookie(response, request)
     return response
 
