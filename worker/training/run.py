@@ -11,14 +11,15 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer, TrainerCallback
+from trl import DPOConfig, SFTConfig, SFTTrainer
 
 from app.statuses import RunStatus
 from worker.training import data as training_data
 from worker.training.adapter import combine_adapters, save_adapter, write_training_log
 from worker.training.data import TrainingData
 from worker.training.errors import DataError
+from worker.training.fast_dpo import DPOSpeedups, FastDPOTrainer
 from worker.training.job import PairsData, TrainingJob
 from worker.training.model import bf16_supported, load_model, load_tokenizer
 from worker.training.progress import ProgressCallback, ProgressReporter
@@ -39,13 +40,8 @@ def run_job(job: TrainingJob, reporter: ProgressReporter) -> None:
     reporter.status(RunStatus.LAUNCHING_SFT)
     model = load_model(job.model_dir, job.base_model)
     sft_progress = ProgressCallback(reporter, "sft")
-    sft_trainer = SFTTrainer(
-        model=model,
-        args=sft_config(job, work_dir / "sft"),
-        train_dataset=Dataset.from_list(data.sft_rows),
-        processing_class=tokenizer,
-        peft_config=lora_config(params.sft_lora_r, params.sft_lora_alpha),
-        callbacks=[sft_progress],
+    sft_trainer = build_sft_trainer(
+        job, model, data.sft_rows, tokenizer, work_dir / "sft", [sft_progress]
     )
 
     reporter.status(RunStatus.TRAINING_SFT)
@@ -64,14 +60,8 @@ def run_job(job: TrainingJob, reporter: ProgressReporter) -> None:
             "dpo_bf16 is set but this device has no bf16 support, so DPO trains in fp32."
         )
     dpo_progress = ProgressCallback(reporter, "dpo")
-    dpo_trainer = DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=dpo_config(job, work_dir / "dpo", use_bf16),
-        train_dataset=Dataset.from_list(data.dpo_rows),
-        processing_class=tokenizer,
-        peft_config=lora_config(params.dpo_lora_r, params.dpo_lora_alpha),
-        callbacks=[dpo_progress],
+    dpo_trainer = build_dpo_trainer(
+        job, model, data.dpo_rows, tokenizer, work_dir / "dpo", [dpo_progress], use_bf16
     )
 
     reporter.status(RunStatus.TRAINING_DPO)
@@ -155,6 +145,49 @@ def fit_and_report(
     return fitted
 
 
+def build_sft_trainer(
+    job: TrainingJob,
+    model: torch.nn.Module,
+    rows: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> SFTTrainer:
+    params = job.params
+    return SFTTrainer(
+        model=model,
+        args=sft_config(job, output_dir),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(params.sft_lora_r, params.sft_lora_alpha),
+        callbacks=callbacks,
+    )
+
+
+def build_dpo_trainer(
+    job: TrainingJob,
+    model: torch.nn.Module,
+    rows: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+    use_bf16: bool,
+    speedups: DPOSpeedups = DPOSpeedups(),
+) -> FastDPOTrainer:
+    """Return a DPO trainer on a fresh LoRA adapter; disabling it gives the reference model."""
+    params = job.params
+    return FastDPOTrainer(
+        model=model,
+        ref_model=None,
+        args=dpo_config(job, output_dir, use_bf16),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(params.dpo_lora_r, params.dpo_lora_alpha),
+        callbacks=callbacks,
+        speedups=speedups,
+    )
+
+
 def lora_config(rank: int, alpha: int) -> LoraConfig:
     return LoraConfig(
         r=rank,
@@ -207,6 +240,7 @@ def sft_config(job: TrainingJob, output_dir: Path) -> SFTConfig:
 
 
 def dpo_config(job: TrainingJob, output_dir: Path, use_bf16: bool) -> DPOConfig:
+    """DPO with batches of pairs of similar length, in a seeded order (`LengthBucketSampler`)."""
     params = job.params
     return DPOConfig(
         **common_args(job, output_dir),
@@ -218,6 +252,7 @@ def dpo_config(job: TrainingJob, output_dir: Path, use_bf16: bool) -> DPOConfig:
         max_length=params.dpo_max_length,
         beta=params.dpo_beta,
         bf16=use_bf16,
+        train_sampling_strategy="group_by_length",
     )
 
 
