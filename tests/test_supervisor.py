@@ -166,3 +166,39 @@ def test_second_delivery_is_skipped(monkeypatch, tmp_path, tiny_model_dir):  # n
     run, kinds = final_run(run_name)
     assert run.status == "Training SFT"
     assert kinds == ["hold"]
+
+
+def hf_run(key: str, sft_name: str, dpo_name: str) -> str:
+    with session_scope() as session:
+        caller = authenticate(session, key)
+        request = parse_run_request(
+            {"hf_sft_dataset_name": sft_name, "hf_dpo_dataset_name": dpo_name, **FAST_PARAMS}
+        )
+        return create_run(session, get_settings(), caller, request).name
+
+
+def test_hf_datasets_train_to_complete(monkeypatch, tmp_path, tiny_model_dir):  # noqa: F811
+    service = service_with_model(monkeypatch, tmp_path, str(tiny_model_dir))
+    dpo_dir = tmp_path / "dpo"
+    dpo_dir.mkdir()
+    lines = (DATA_DIR / "instruction_preference.strings.jsonl").read_text().splitlines()
+    (dpo_dir / "train.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    conversation = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+    (sft_dir / "train.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+
+    run_name = hf_run(service.create_account(credits=10), str(sft_dir), str(dpo_dir))
+    assert RunSupervisor(run_name).execute() == "Complete"
+    run, kinds = final_run(run_name)
+    assert run.status == "Complete"
+    assert kinds == ["hold", "settlement"]
+
+
+def test_missing_hf_dataset_fails(monkeypatch, tmp_path, tiny_model_dir):  # noqa: F811
+    service = service_with_model(monkeypatch, tmp_path, str(tiny_model_dir))
+    missing = str(tmp_path / "no-such-dataset")
+    run_name = hf_run(service.create_account(credits=10), missing, missing)
+
+    assert RunSupervisor(run_name).execute() == "Failed"
+    assert_failed_and_refunded(run_name, "no-such-dataset")
