@@ -1,10 +1,12 @@
 """Accounts and their API keys."""
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session
 
 from app import credits
@@ -36,6 +38,51 @@ class Caller:
     account_name: str
     key_id: int
     key_prefix: str
+
+
+class CallerCache:
+    """The callers of recently authenticated API keys, each kept for `ttl_s` seconds.
+
+    Entries are keyed by the key's SHA-256, so the cache contains no API key. A key revoked
+    while its entry is live still authenticates through the cache until the entry expires,
+    at most `ttl_s` seconds later. A `ttl_s` of 0 disables the cache. Keys that fail to
+    authenticate are never cached, so a new key works at once.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, tuple[float, Caller]] = {}
+
+    def get(self, key_hash: str) -> Caller | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        expires_at, caller = entry
+        if self._clock() >= expires_at:
+            self._entries.pop(key_hash, None)
+            return None
+        return caller
+
+    def put(self, key_hash: str, caller: Caller) -> None:
+        if self.ttl_s <= 0:
+            return
+        now = self._clock()
+        if len(self._entries) >= self.max_entries:
+            self._entries = {
+                cached_hash: entry
+                for cached_hash, entry in self._entries.items()
+                if entry[0] > now
+            }
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+        self._entries[key_hash] = (now + self.ttl_s, caller)
 
 
 def create_account(session: Session, name: str, credits_granted: float) -> tuple[Account, str]:
@@ -89,27 +136,36 @@ def revoke_key(session: Session, prefix: str) -> ApiKey:
     return keys[0]
 
 
-def authenticate(session: Session, key: str) -> Caller | None:
-    """Return the caller for a live API key, or None."""
+def authenticate(db: Session | Connection, key: str) -> Caller | None:
+    """Return the caller for a live API key, or None.
+
+    `db` is an ORM session or a Core connection. It is committed when `last_used_at` is
+    refreshed, which happens when the stored time is older than `LAST_USED_RESOLUTION`.
+    """
     if not key.startswith("rd-"):
         return None
     key_hash = hash_api_key(key)
-    row = session.execute(
-        select(ApiKey, Account.name)
+    row = db.execute(
+        select(
+            ApiKey.id,
+            ApiKey.account_id,
+            ApiKey.prefix,
+            ApiKey.key_hash,
+            ApiKey.revoked_at,
+            ApiKey.last_used_at,
+            Account.name,
+        )
         .join(Account, Account.id == ApiKey.account_id)
         .where(ApiKey.key_hash == key_hash)
     ).first()
-    if row is None:
-        return None
-    api_key, account_name = row
-    if api_key.revoked_at is not None or not hashes_match(api_key.key_hash, key):
+    if row is None or row.revoked_at is not None or not hashes_match(row.key_hash, key):
         return None
 
     now = utcnow()
-    last_used = api_key.last_used_at
+    last_used = row.last_used_at
     if last_used is not None and last_used.tzinfo is None:
         last_used = last_used.replace(tzinfo=now.tzinfo)
     if last_used is None or now - last_used > LAST_USED_RESOLUTION:
-        session.execute(update(ApiKey).where(ApiKey.id == api_key.id).values(last_used_at=now))
-        session.commit()
-    return Caller(api_key.account_id, account_name, api_key.id, api_key.prefix)
+        db.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
+        db.commit()
+    return Caller(row.account_id, row.name, row.id, row.prefix)

@@ -8,12 +8,13 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app import credits
 from app.accounts import Caller
 from app.catalog import catalog_model
+from app.db import fetch_first
 from app.errors import ApiError, not_found
 from app.events import EventLevel, EventType, add_event
 from app.models import PreferenceFile, Run, Worker, utcnow
@@ -237,22 +238,27 @@ STATUS_COLUMNS = (
 )
 
 
-def get_status_row(db: Session | Connection, caller: Caller, run_name: str | None) -> Row:
-    """Return the `STATUS_COLUMNS` of the caller's run; 404 as `get_run` does."""
+STATUS_QUERY = select(*STATUS_COLUMNS).where(
+    Run.name == bindparam("run_name"), Run.account_id == bindparam("account_id")
+)
+
+
+async def get_status_row(caller: Caller, run_name: str | None) -> Any:
+    """Return the `STATUS_COLUMNS` of the caller's run, with 400 and 404 as `get_run`."""
     if not run_name:
         raise ApiError(400, "Invalid request: run_name is missing. Pass the name run_dpo returned.")
-    row = db.execute(
-        select(*STATUS_COLUMNS).where(Run.name == run_name, Run.account_id == caller.account_id)
-    ).first()
+    row = await fetch_first(
+        STATUS_QUERY, {"run_name": run_name, "account_id": caller.account_id}
+    )
     if row is None:
         raise not_found(f"Run {run_name!r} not found. Check the run_name that run_dpo returned.")
     return row
 
 
-def status_payload(run: Run | Row, download_url: str | None) -> dict[str, Any]:
+def status_payload(run: Any, download_url: str | None) -> dict[str, Any]:
     """Build the body of get_status: the fields the official client reads, then extras.
 
-    `run` is a Run or a row with the `STATUS_COLUMNS`.
+    `run` is a Run, or a row from `get_status_row` with the `STATUS_COLUMNS` as attributes.
     """
     status = RunStatus(run.status)
     payload: dict[str, Any] = {
@@ -286,7 +292,7 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-def _eta_s(run: Run | Row, status: RunStatus) -> float | None:
+def _eta_s(run: Any, status: RunStatus) -> float | None:
     """Estimate the seconds left in the current training phase from its pace so far."""
     started = as_utc(run.phase_started_at)
     if status not in (RunStatus.TRAINING_SFT, RunStatus.TRAINING_DPO) or started is None:

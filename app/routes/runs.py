@@ -3,7 +3,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query
 
 from app import queue, runs
-from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep
+from app.deps import AsyncCallerDep, CallerDep, SessionDep, SettingsDep, StorageDep
 from app.downloads import download_url
 from app.params import parse_run_request
 from app.routing import endpoint
@@ -26,9 +26,8 @@ def run_dpo(
 
 
 @endpoint(router, "get_status", ["GET", "POST"])
-def get_status(
-    caller: CallerDep,
-    session: SessionDep,
+async def get_status(
+    caller: AsyncCallerDep,
     settings: SettingsDep,
     storage: StorageDep,
     run_name: Annotated[str | None, Query()] = None,
@@ -37,7 +36,7 @@ def get_status(
     """Return a run's status and percent; on Complete also its download_url."""
     if run_name is None and body:
         run_name = body.get("run_name") or body.get("run_id")
-    run = runs.get_run(session, caller, run_name)
+    run = await runs.get_status_row(caller, run_name)
     return runs.status_payload(run, download_url(settings, storage, run))
 
 
