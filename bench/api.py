@@ -24,7 +24,7 @@ get_status returns a full body. It measures:
 
 Rate limits are off (RUNDPO_RATE_LIMIT_PER_MINUTE=0), because a benchmark sends far more
 requests per key than any limit allows. Results go to stdout as Markdown tables, and as
-JSON with `--json`.
+JSON with `--json`. The exit status is 1 when any target in `check_targets` is missed.
 """
 
 import argparse
