@@ -19,6 +19,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
 from app.errors import ApiError
+from app.multipart import PartReader
 from app.settings import Settings
 from app.storage import ObjectWriter, Storage, upload_key
 from app.validation import PreferenceFileValidator, ValidationReport
@@ -43,7 +44,7 @@ class UploadResult:
     storage_key: str
 
 
-class _FilePartSink:
+class _FilePartSink(PartReader):
     """Multipart parser callbacks that route the `jsonl_file` part to validator and storage.
 
     The parser hands over part data in slices, and `flush` passes what one batch produced to
@@ -51,6 +52,7 @@ class _FilePartSink:
     """
 
     def __init__(self, storage: Storage, key: str, validator: PreferenceFileValidator) -> None:
+        super().__init__()
         self.storage = storage
         self.key = key
         self.validator = validator
@@ -62,20 +64,6 @@ class _FilePartSink:
         self.file_complete = False
         self._in_file = False
         self._pieces: list[bytes] = []
-        self._header_name = bytearray()
-        self._header_value = bytearray()
-        self._headers: dict[bytes, bytes] = {}
-
-    def callbacks(self) -> dict:
-        return {
-            "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished,
-            "on_part_data": self._on_part_data,
-            "on_part_end": self._on_part_end,
-        }
 
     def flush(self) -> None:
         if not self._pieces:
@@ -87,22 +75,7 @@ class _FilePartSink:
         self.hasher.update(data)
         self.writer.write(data)
 
-    def _on_part_begin(self) -> None:
-        self._headers = {}
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers[bytes(self._header_name).lower()] = bytes(self._header_value)
-        self._header_name.clear()
-        self._header_value.clear()
-
-    def _on_headers_finished(self) -> None:
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+    def start_part(self, params: dict[bytes, bytes]) -> None:
         if params.get(b"name") != FILE_FIELD.encode():
             return
         if self.file_started:
@@ -116,11 +89,11 @@ class _FilePartSink:
         self.filename = filename.replace("\\", "/").rsplit("/", 1)[-1]
         self.writer = self.storage.open_writer(self.key)
 
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+    def part_data(self, data: bytes) -> None:
         if self._in_file:
-            self._pieces.append(data[start:end])
+            self._pieces.append(data)
 
-    def _on_part_end(self) -> None:
+    def end_part(self) -> None:
         if self._in_file:
             self._in_file = False
             self.file_complete = True

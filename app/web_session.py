@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from app.accounts import Caller
 from app.models import Account, ApiKey
 from app.security import sign_token, signing_secret, verify_token
+from app.multipart import PartReader
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -233,57 +234,29 @@ def clear_sign_in_cookie(response: Response, request: Request) -> None:
     _delete_cookie(response, request, SIGN_IN_COOKIE)
 
 
-class _CsrfFieldReader:
+class _CsrfFieldReader(PartReader):
     """Multipart parser callbacks that keep the value of the `csrf_token` field."""
 
     MAX_TOKEN_BYTES = 256
 
     def __init__(self) -> None:
+        super().__init__()
         self.token: str | None = None
         self.file_started = False
-        self._headers: dict[bytes, bytes] = {}
-        self._header_name = b""
-        self._header_value = b""
         self._in_token = False
         self._value = b""
 
-    def callbacks(self) -> dict:
-        return {
-            "on_part_begin": self._on_part_begin,
-            "on_header_field": self._on_header_field,
-            "on_header_value": self._on_header_value,
-            "on_header_end": self._on_header_end,
-            "on_headers_finished": self._on_headers_finished,
-            "on_part_data": self._on_part_data,
-            "on_part_end": self._on_part_end,
-        }
-
-    def _on_part_begin(self) -> None:
-        self._headers = {}
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers[self._header_name.lower()] = self._header_value
-        self._header_name = b""
-        self._header_value = b""
-
-    def _on_headers_finished(self) -> None:
-        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+    def start_part(self, params: dict[bytes, bytes]) -> None:
         if b"filename" in params:
             self.file_started = True
         self._in_token = params.get(b"name") == CSRF_FIELD.encode() and self.token is None
         self._value = b""
 
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+    def part_data(self, data: bytes) -> None:
         if self._in_token and len(self._value) <= self.MAX_TOKEN_BYTES:
-            self._value += data[start:end]
+            self._value += data
 
-    def _on_part_end(self) -> None:
+    def end_part(self) -> None:
         if self._in_token:
             self.token = self._value.decode("ascii", "replace").strip()
             self._in_token = False
