@@ -1,10 +1,8 @@
 """Accounts and their API keys."""
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session
@@ -38,51 +36,6 @@ class Caller:
     account_name: str
     key_id: int
     key_prefix: str
-
-
-class CallerCache:
-    """The callers of recently authenticated API keys, each kept for `ttl_s` seconds.
-
-    Entries are keyed by the key's SHA-256, so the cache contains no API key. A key revoked
-    while its entry is live still authenticates through the cache until the entry expires,
-    at most `ttl_s` seconds later. A `ttl_s` of 0 disables the cache. Keys that fail to
-    authenticate are never cached, so a new key works at once.
-    """
-
-    def __init__(
-        self,
-        ttl_s: float,
-        max_entries: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._clock = clock
-        self._entries: dict[str, tuple[float, Caller]] = {}
-
-    def get(self, key_hash: str) -> Caller | None:
-        entry = self._entries.get(key_hash)
-        if entry is None:
-            return None
-        expires_at, caller = entry
-        if self._clock() >= expires_at:
-            self._entries.pop(key_hash, None)
-            return None
-        return caller
-
-    def put(self, key_hash: str, caller: Caller) -> None:
-        if self.ttl_s <= 0:
-            return
-        now = self._clock()
-        if len(self._entries) >= self.max_entries:
-            self._entries = {
-                cached_hash: entry
-                for cached_hash, entry in self._entries.items()
-                if entry[0] > now
-            }
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-        self._entries[key_hash] = (now + self.ttl_s, caller)
 
 
 def create_account(session: Session, name: str, credits_granted: float) -> tuple[Account, str]:
@@ -136,6 +89,21 @@ def revoke_key(session: Session, prefix: str) -> ApiKey:
     return keys[0]
 
 
+def last_used_is_stale(last_used: datetime | None) -> bool:
+    """Tell whether a key's `last_used_at` is older than `LAST_USED_RESOLUTION`."""
+    if last_used is None:
+        return True
+    if last_used.tzinfo is None:
+        last_used = last_used.replace(tzinfo=timezone.utc)
+    return utcnow() - last_used > LAST_USED_RESOLUTION
+
+
+def touch_key(db: Session | Connection, key_id: int) -> None:
+    """Set a key's `last_used_at` to now and commit."""
+    db.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=utcnow()))
+    db.commit()
+
+
 def authenticate(db: Session | Connection, key: str) -> Caller | None:
     """Return the caller for a live API key, or None.
 
@@ -160,12 +128,6 @@ def authenticate(db: Session | Connection, key: str) -> Caller | None:
     ).first()
     if row is None or row.revoked_at is not None or not hashes_match(row.key_hash, key):
         return None
-
-    now = utcnow()
-    last_used = row.last_used_at
-    if last_used is not None and last_used.tzinfo is None:
-        last_used = last_used.replace(tzinfo=now.tzinfo)
-    if last_used is None or now - last_used > LAST_USED_RESOLUTION:
-        db.execute(update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=now))
-        db.commit()
+    if last_used_is_stale(row.last_used_at):
+        touch_key(db, row.id)
     return Caller(row.account_id, row.name, row.id, row.prefix)

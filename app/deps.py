@@ -8,11 +8,10 @@ from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.accounts import Caller, CallerCache, authenticate
-from app.db import get_sessionmaker, run_on_connection
-from app.errors import ApiError
+from app.accounts import Caller, authenticate
+from app.db import get_sessionmaker
+from app.errors import ApiError, invalid_key, missing_key
 from app.ratelimit import RateLimiter
-from app.security import hash_api_key
 from app.settings import Settings, get_settings
 from app.storage import Storage, make_storage
 
@@ -53,24 +52,15 @@ def get_rate_limiter() -> RateLimiter:
     return RateLimiter(get_settings().shared_redis_url)
 
 
-@lru_cache
-def get_caller_cache() -> CallerCache:
-    return CallerCache(get_settings().api_key_cache_ttl_s)
-
-
-def _check_key_present(api_key: str | None) -> str:
+def check_key_present(api_key: str | None) -> str:
     if not api_key:
-        raise ApiError(
-            401, "Unauthorized: the X-API-Key header is missing. Send your key as X-API-Key: rd-..."
-        )
+        raise missing_key()
     return api_key.strip()
 
 
 def _check_caller(caller: Caller | None) -> Caller:
     if caller is None:
-        raise ApiError(
-            401, "Unauthorized: the API key is invalid or revoked. Check the key or create a new one."
-        )
+        raise invalid_key()
     return caller
 
 
@@ -90,7 +80,7 @@ def get_caller(
     settings: SettingsDep,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> Caller:
-    caller = _check_caller(authenticate(session, _check_key_present(x_api_key)))
+    caller = _check_caller(authenticate(session, check_key_present(x_api_key)))
     _enforce_limit(f"key:{caller.key_id}", settings.rate_limit_per_minute, "requests")
     return caller
 
@@ -98,32 +88,16 @@ def get_caller(
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-async def get_caller_async(
-    settings: SettingsDep,
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> Caller:
-    """Authenticate like `get_caller`, for async routes, through the `CallerCache`.
+async def enforce_request_limit(settings: Settings, key_id: int) -> None:
+    """Count a request against its key's limit, for async routes.
 
-    A cache hit needs no database query. A revoked key therefore keeps working here for
-    up to `api_key_cache_ttl_s` seconds, while `get_caller` rejects it at once. The rate
-    limit check may call Redis, which blocks, so it runs in a worker thread, and only when
-    a limit is set.
+    The check may call Redis, which blocks, so it runs in a worker thread, and only when a
+    limit is set.
     """
-    api_key = _check_key_present(x_api_key)
-    cache = get_caller_cache()
-    key_hash = hash_api_key(api_key)
-    caller = cache.get(key_hash)
-    if caller is None:
-        caller = _check_caller(await run_on_connection(authenticate, api_key))
-        cache.put(key_hash, caller)
     if settings.rate_limit_per_minute > 0:
         await run_in_threadpool(
-            _enforce_limit, f"key:{caller.key_id}", settings.rate_limit_per_minute, "requests"
+            _enforce_limit, f"key:{key_id}", settings.rate_limit_per_minute, "requests"
         )
-    return caller
-
-
-AsyncCallerDep = Annotated[Caller, Depends(get_caller_async)]
 
 
 def get_uploader(caller: CallerDep, settings: SettingsDep) -> Caller:

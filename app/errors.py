@@ -40,6 +40,18 @@ def not_found(message: str) -> ApiError:
     return ApiError(404, message)
 
 
+def missing_key() -> ApiError:
+    return ApiError(
+        401, "Unauthorized: the X-API-Key header is missing. Send your key as X-API-Key: rd-..."
+    )
+
+
+def invalid_key() -> ApiError:
+    return ApiError(
+        401, "Unauthorized: the API key is invalid or revoked. Check the key or create a new one."
+    )
+
+
 def _format_validation_error(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():

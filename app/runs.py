@@ -12,14 +12,15 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app import credits
-from app.accounts import Caller
+from app.accounts import Caller, last_used_is_stale, touch_key
 from app.catalog import catalog_model
-from app.db import fetch_first
-from app.errors import ApiError, not_found
+from app.db import fetch_first, run_on_connection
+from app.errors import ApiError, invalid_key, not_found
 from app.events import EventLevel, EventType, add_event
-from app.models import PreferenceFile, Run, Worker, utcnow
+from app.models import ApiKey, PreferenceFile, Run, Worker, utcnow
 from app.names import new_run_name
 from app.params import RunRequest
+from app.security import hash_api_key, hashes_match
 from app.settings import Settings
 from app.statuses import PIPELINE, TERMINAL, RunStatus, check_transition
 
@@ -238,19 +239,39 @@ STATUS_COLUMNS = (
 )
 
 
-STATUS_QUERY = select(*STATUS_COLUMNS).where(
-    Run.name == bindparam("run_name"), Run.account_id == bindparam("account_id")
+# One query checks the API key and reads the caller's run, so get_status costs a single
+# round trip and a revoked key is rejected at once. A key with no such run still returns a
+# row, with the run's columns NULL.
+STATUS_QUERY = (
+    select(
+        ApiKey.id.label("key_id"),
+        ApiKey.key_hash.label("key_hash"),
+        ApiKey.revoked_at.label("key_revoked_at"),
+        ApiKey.last_used_at.label("key_last_used_at"),
+        *STATUS_COLUMNS,
+    )
+    .select_from(ApiKey)
+    .outerjoin(Run, (Run.account_id == ApiKey.account_id) & (Run.name == bindparam("run_name")))
+    .where(ApiKey.key_hash == bindparam("key_hash"))
 )
 
 
-async def get_status_row(caller: Caller, run_name: str | None) -> Any:
-    """Return the `STATUS_COLUMNS` of the caller's run, with 400 and 404 as `get_run`."""
+async def read_status(api_key: str, run_name: str | None) -> Any:
+    """Authenticate `api_key` and return the `STATUS_COLUMNS` of its account's run.
+
+    Raises 401 for an invalid or revoked key, then 400 for a missing run name and 404 for a
+    run that does not exist or belongs to another account, as the other routes do.
+    """
+    row = await fetch_first(
+        STATUS_QUERY, {"key_hash": hash_api_key(api_key), "run_name": run_name or ""}
+    )
+    if row is None or row.key_revoked_at is not None or not hashes_match(row.key_hash, api_key):
+        raise invalid_key()
+    if last_used_is_stale(row.key_last_used_at):
+        await run_on_connection(touch_key, row.key_id)
     if not run_name:
         raise ApiError(400, "Invalid request: run_name is missing. Pass the name run_dpo returned.")
-    row = await fetch_first(
-        STATUS_QUERY, {"run_name": run_name, "account_id": caller.account_id}
-    )
-    if row is None:
+    if row.name is None:
         raise not_found(f"Run {run_name!r} not found. Check the run_name that run_dpo returned.")
     return row
 
@@ -258,7 +279,7 @@ async def get_status_row(caller: Caller, run_name: str | None) -> Any:
 def status_payload(run: Any, download_url: str | None) -> dict[str, Any]:
     """Build the body of get_status: the fields the official client reads, then extras.
 
-    `run` is a Run, or a row from `get_status_row` with the `STATUS_COLUMNS` as attributes.
+    `run` is a Run, or a row from `read_status` with the `STATUS_COLUMNS` as attributes.
     """
     status = RunStatus(run.status)
     payload: dict[str, Any] = {

@@ -90,14 +90,9 @@ class Settings(BaseSettings):
         default=2 * 1024**3, ge=1024, description="Maximum size of an upload request, in bytes."
     )
     max_line_bytes: int = Field(
-        default=4 * 1024**2, ge=1024, description="Maximum length of one JSONL line of an upload, in bytes."
-    )
-    api_key_cache_ttl_s: float = Field(
-        default=5.0,
-        ge=0,
-        description="Seconds an API process may reuse an API key's successful check on "
-        "get_status without querying the database, so a revoked key can still read run "
-        "statuses for this long; other endpoints reject it at once. 0 disables the cache.",
+        default=4 * 1024**2,
+        ge=1024,
+        description="Maximum length of one JSONL line of an upload, in bytes.",
     )
     rate_limit_per_minute: int = Field(
         default=600, ge=0, description="Requests per API key per minute; 0 disables the limit."

@@ -386,3 +386,31 @@ def test_rate_limit_shared_through_redis(sqlite_service, tmp_path):
     finally:
         stop_process(first.process)
         stop_process(second.process)
+
+
+def test_get_status_checks_key_in_its_query(live_api, service, tmp_path):
+    api = live_api.api_url
+    key = service.create_account(credits=100)
+    file_id = upload(api, key, small_file(tmp_path)).json()["file_id"]
+    run_name = httpx.post(f"{api}/run_dpo", headers=headers(key), json={"file_id": file_id}).json()[
+        "run_name"
+    ]
+    params = {"run_name": run_name}
+
+    assert httpx.get(f"{api}/get_status", headers=headers(key), params=params).status_code == 200
+    assert httpx.get(f"{api}/get_status", params=params).status_code == 401
+    response = httpx.get(f"{api}/get_status", headers=headers("rd-unknown"), params=params)
+    assert response.status_code == 401
+    response = httpx.get(f"{api}/get_status", headers=headers("rd-unknown"))
+    assert response.status_code == 401
+    response = httpx.get(f"{api}/get_status", headers=headers(key))
+    assert response.status_code == 400
+    assert "run_name" in response.json()["error"]
+
+    from app.accounts import revoke_key
+
+    with session_scope() as session:
+        revoke_key(session, key[:11])
+    response = httpx.get(f"{api}/get_status", headers=headers(key), params=params)
+    assert response.status_code == 401
+    assert "revoked" in response.json()["error"]

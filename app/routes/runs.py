@@ -1,9 +1,16 @@
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body, Header, Query
 
 from app import queue, runs
-from app.deps import AsyncCallerDep, CallerDep, SessionDep, SettingsDep, StorageDep
+from app.deps import (
+    CallerDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    check_key_present,
+    enforce_request_limit,
+)
 from app.downloads import download_url
 from app.params import parse_run_request
 from app.routing import endpoint
@@ -27,16 +34,21 @@ def run_dpo(
 
 @endpoint(router, "get_status", ["GET", "POST"])
 async def get_status(
-    caller: AsyncCallerDep,
     settings: SettingsDep,
     storage: StorageDep,
+    x_api_key: Annotated[str | None, Header()] = None,
     run_name: Annotated[str | None, Query()] = None,
     body: JsonObject = None,
 ) -> dict[str, Any]:
-    """Return a run's status and percent; on Complete also its download_url."""
+    """Return a run's status and percent; on Complete also its download_url.
+
+    The API key is checked in the same query that reads the run (see `runs.read_status`),
+    the one request path that polling clients call many times a second.
+    """
     if run_name is None and body:
         run_name = body.get("run_name") or body.get("run_id")
-    run = await runs.get_status_row(caller, run_name)
+    run = await runs.read_status(check_key_present(x_api_key), run_name)
+    await enforce_request_limit(settings, run.key_id)
     return runs.status_payload(run, download_url(settings, storage, run))
 
 
