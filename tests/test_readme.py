@@ -17,7 +17,7 @@ def curl_examples() -> list[str]:
 
 def test_readme_curl_examples(sqlite_live_api, sqlite_service):
     examples = curl_examples()
-    assert len(examples) == 6
+    assert len(examples) == 7
     env = {
         **os.environ,
         "BASE": sqlite_live_api.api_url,
@@ -41,12 +41,14 @@ def test_readme_curl_examples(sqlite_live_api, sqlite_service):
         if "run_name" in body:
             env["RUN_NAME"] = body["run_name"]
 
-    upload, listing, run, status, balance, cancel = answers
+    upload, listing, run, status, balance, cancel, events = answers
     assert upload["uploaded"] is True
     assert upload["lineCount"] == 1100
     assert listing["file_ids"] == [upload["file_id"]]
     assert run["status"] == "pending"
     assert status["run_name"] == run["run_name"]
     assert status["status"] == "Pending"
+    assert [event["data"]["status"] for event in events["events"]] == ["Pending", "Failed"]
+    assert events["has_more"] is False
     assert isinstance(balance["credits"], float)
     assert cancel == {"success": True}
