@@ -37,7 +37,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 RSS_SAMPLE_INTERVAL_S = 0.02
 CHILD_TIMEOUT_S = 3600
 
-# What each variant changes. "plain" is TRL alone; the others go through the worker's builders
+# What each variant changes. "plain" is TRL alone. The others go through the worker's builders
 # with the listed DPO optimisations switched on or off, to measure them one at a time.
 VARIANTS = {
     "plain": {"worker": False, "chunked_lm_head": False, "group_by_length": False, "malloc": False},
@@ -321,7 +321,8 @@ def run_phase(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     if VARIANTS[spec["variant"]]["malloc"]:
         env = training_environment(env)
     else:
-        env = {key: value for key, value in env.items() if not key.startswith("MALLOC_")}
+        allocator_keys = ("MALLOC_", "LD_PRELOAD")
+        env = {key: value for key, value in env.items() if not key.startswith(allocator_keys)}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
     with (work_dir / "child.log").open("w") as log:
         child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from torch.utils.data import SequentialSampler
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
@@ -12,6 +13,7 @@ from trl import DPOConfig, DPOTrainer
 from tests.test_training import real_pairs
 from tests.tiny_model import tiny_model_dir  # noqa: F401 (fixture)
 from worker.training.batching import LengthBucketSampler, pair_lengths
+from worker.training.environment import MALLOC_SETTINGS, training_environment
 from worker.training.fast_dpo import (
     DPOSpeedups,
     FastDPOTrainer,
@@ -119,7 +121,7 @@ def test_fast_trainer_loss_matches_trl(tmp_path: Path, tiny_model_dir: Path):  #
     batch = plain.data_collator([plain.train_dataset[i] for i in range(4)])
     base_model = fast.model.get_base_model()
     assert chunked_head_supported(base_model)
-    assert "add_chunked_lm_head" in base_model.forward.__func__.__qualname__
+    assert "add_chunked_lm_head" in base_model.forward.__func__.__code__.co_qualname
 
     plain_loss, plain_gradients = trained_lora_gradients(plain, batch)
     fast_loss, fast_gradients = trained_lora_gradients(fast, batch)
@@ -180,3 +182,14 @@ def test_fast_trainer_groups_by_length(tmp_path: Path, tiny_model_dir: Path):  #
     assert isinstance(sampler, LengthBucketSampler)
     assert sampler.lengths == pair_lengths(trainer.train_dataset)
     assert sorted(sampler) == list(range(len(trainer.train_dataset)))
+    assert isinstance(trainer._get_eval_sampler(trainer.train_dataset), SequentialSampler)
+
+
+def test_training_environment_keeps_given_values():
+    base = {"PATH": "/bin", "MALLOC_ARENA_MAX": "4", "LD_PRELOAD": "/lib/custom.so"}
+    environment = training_environment(base)
+    assert environment["PATH"] == "/bin"
+    assert environment["MALLOC_ARENA_MAX"] == "4"
+    assert environment["LD_PRELOAD"] == "/lib/custom.so"
+    for key in MALLOC_SETTINGS:
+        assert key in environment

@@ -27,8 +27,8 @@ from worker.training.batching import PAIR_COLUMNS, LengthBucketSampler, pair_len
 
 logger = logging.getLogger(__name__)
 
-# Tokens per chunk of logits: 512 × 49,152 (SmolLM2's vocabulary) × 4 bytes is about 100 MB,
-# and the forward and the backward pass each hold at most two such buffers at a time.
+# Tokens per chunk of logits: 512 × 49,152 (SmolLM2's vocabulary) × 4 bytes is about 100 MB.
+# The forward pass holds up to three buffers of that size at a time, the backward pass one.
 DEFAULT_CHUNK_TOKENS = 512
 # Per-token fields that DPOTrainer reads from the fused head for its logged metrics.
 METRIC_FIELDS = ("entropy", "mean_logits", "is_top1")
@@ -36,7 +36,7 @@ METRIC_FIELDS = ("entropy", "mean_logits", "is_top1")
 
 @dataclass(frozen=True)
 class DPOSpeedups:
-    """Which optimisations `FastDPOTrainer` applies; each can be switched off to measure it."""
+    """The optimisations `FastDPOTrainer` applies, each of which can be switched off to measure it."""
 
     chunked_lm_head: bool = True
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
@@ -233,9 +233,10 @@ class FastDPOTrainer(DPOTrainer):
         ):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return LengthBucketSampler(
-            pair_lengths(dataset), batch_size=self.args.per_device_train_batch_size, seed=seed
-        )
+        # Buckets of the global batch, which accelerate cuts into one per-device batch per
+        # process, so several processes train on the same batches as one process would.
+        global_batch_size = self.args.per_device_train_batch_size * self.args.world_size
+        return LengthBucketSampler(pair_lengths(dataset), batch_size=global_batch_size, seed=seed)
 
     def _get_eval_sampler(self, eval_dataset) -> Sampler | None:
         """Evaluate in data set order: length grouping applies to training batches only."""
