@@ -31,6 +31,7 @@ from app.settings import Settings, get_settings
 from app.statuses import TERMINAL, TRAINING, InvalidTransition, RunStatus
 from app.storage import Storage, adapter_key, make_storage
 from worker.gpus import GpuLease, acquire_gpus, detect_gpu_count, worker_id
+from worker.training.environment import training_environment
 from worker.training.launch import training_command
 
 logger = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ class RunSupervisor:
         return pairs_path
 
     def _train(self, job_path: Path, lease: GpuLease | None) -> dict[str, Any]:
-        env = dict(os.environ)
+        env = training_environment(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = lease.cuda_visible_devices if lease is not None else ""
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         log_path = self.work_dir / "run.log"
