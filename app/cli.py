@@ -108,7 +108,9 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
     from app.accounts import create_key, find_account
 
     def action(session) -> int:
-        key = create_key(session, find_account(session, args.name))
+        account = find_account(session, args.name)
+        key = create_key(session, account)
+        print(f"API key for {account.name} (shown once, store it now):", file=sys.stderr)
         print(key)
         return 0
 

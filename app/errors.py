@@ -55,8 +55,18 @@ def invalid_key() -> ApiError:
 def _format_validation_error(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
+        kind = error.get("type")
+        if kind == "json_invalid":
+            return (
+                "Invalid request: the body is not valid JSON "
+                f"({error.get('ctx', {}).get('error', 'parse error')}). Send a JSON object with "
+                "Content-Type: application/json."
+            )
+        if kind == "dict_type" and error.get("loc", ())[:1] == ("body",):
+            return "Invalid request: the body must be a JSON object, for example {\"run_name\": ...}."
         location = ".".join(str(item) for item in error.get("loc", ()) if item != "body")
-        parts.append(f"{location or 'request'}: {error.get('msg', 'invalid')}")
+        value = f"={error['input']!r}" if "input" in error and kind != "missing" else ""
+        parts.append(f"{location or 'request'}{value}: {error.get('msg', 'invalid')}")
     return "Invalid request: " + "; ".join(parts)
 
 

@@ -414,3 +414,18 @@ def test_get_status_checks_key_in_its_query(live_api, service, tmp_path):
     response = httpx.get(f"{api}/get_status", headers=headers(key), params=params)
     assert response.status_code == 401
     assert "revoked" in response.json()["error"]
+
+
+def test_body_errors_say_what_to_send(sqlite_live_api, sqlite_service):
+    key = sqlite_service.create_account(credits=1)
+    api = sqlite_live_api.api_url
+    response = httpx.post(
+        f"{api}/run_dpo",
+        headers={**headers(key), "Content-Type": "application/json"},
+        content=b'{"file_id": ',
+    )
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]
+    response = httpx.post(f"{api}/run_dpo", headers=headers(key), json=[1, 2])
+    assert response.status_code == 400
+    assert "JSON object" in response.json()["error"]

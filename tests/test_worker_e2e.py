@@ -191,7 +191,7 @@ def test_run_to_complete_with_official_client(stack, tmp_path, tiny_model_dir): 
     time.sleep(3)
     assert client.get_status(run_name)["status"] == rundpo.RunStatus.COMPLETED
     assert ledger_kinds(run_name) == ["hold", "settlement"]
-    assert "ignoring a repeated delivery" in (stack.service.data_dir / "worker.log").read_text()
+    assert "not training it again" in (stack.service.data_dir / "worker.log").read_text()
 
 
 @pytest.mark.parametrize("phase", ["Training SFT", "Training DPO"])

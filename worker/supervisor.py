@@ -142,7 +142,7 @@ class RunSupervisor:
                 return False
             self.account_id = run.account_id
             if run.run_status != RunStatus.PENDING or run.worker_id is not None:
-                self._log(logging.INFO, "already %s; ignoring a repeated delivery", run.status)
+                self._log(logging.INFO, "is %s, not Pending; not training it again", run.status)
                 return False
             run.worker_id = worker_id()
             run.started_at = utcnow()
@@ -225,6 +225,9 @@ class RunSupervisor:
             model_dir = resolve_model(base_model, entry, Path(self.settings.models_dir))
         except ModelUnavailable as exc:
             raise RunFailure(f"Model unavailable: {exc}") from None
+        # NOTE: a cancel that arrives while a model is imported for the first time (tens of
+        # seconds) takes effect here, once the import has finished.
+        self._check_cancel()
 
         if upload is not None:
             data = PairsData(path=self._write_pairs(upload))

@@ -128,7 +128,10 @@ class DashboardRoute(APIRoute):
             except SignInRequired:
                 if _wants_json(request):
                     return JSONResponse({"error": "Sign in to the dashboard."}, status_code=401)
-                return RedirectResponse(f"{SIGN_IN_PATH}?notice=expired", status_code=303)
+                # Only a visitor who sent a session cookie has a session that ended.
+                if web_session.SESSION_COOKIE in request.cookies:
+                    return RedirectResponse(f"{SIGN_IN_PATH}?notice=expired", status_code=303)
+                return RedirectResponse(SIGN_IN_PATH, status_code=303)
             except CsrfError:
                 logger.warning(
                     "dashboard %s %s rejected: CSRF token missing or invalid",

@@ -6,6 +6,7 @@ from starlette.concurrency import run_in_threadpool
 from app import files
 from app.deps import CallerDep, SessionDep, SettingsDep, StorageDep, UploaderDep
 from app.routing import endpoint
+from app.runs import as_utc
 from app.uploads import receive_upload
 
 router = APIRouter()
@@ -49,7 +50,7 @@ def list_files(caller: CallerDep, session: SessionDep) -> dict[str, Any]:
                 "name": upload.name,
                 "lineCount": upload.pair_count,
                 "bytes": upload.size_bytes,
-                "created_at": upload.created_at.isoformat(),
+                "created_at": as_utc(upload.created_at).isoformat(),
             }
             for upload in uploads
         ],
