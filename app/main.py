@@ -5,7 +5,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import swagger_ui_bundle
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -56,14 +59,37 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await task
 
 
+def _serve_api_docs(app: FastAPI) -> None:
+    """Serve the OpenAPI page at /docs with Swagger UI's files from this server.
+
+    FastAPI's default page loads them from a CDN, which an offline host cannot reach.
+    """
+    app.mount(
+        "/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static"
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+        )
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="rundpo-server",
         version=__version__,
         description="Self-hosted, RunDPO-compatible DPO fine-tuning API.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
+    _serve_api_docs(app)
     for module in (files, runs, events, account, downloads):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(health.router)

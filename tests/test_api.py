@@ -358,7 +358,12 @@ def test_healthz_and_docs(sqlite_live_api):
     response = httpx.get(f"{sqlite_live_api.base_url}/healthz")
     assert response.status_code == 200
     assert response.json()["checks"] == {"database": "ok", "broker": "ok"}
-    assert httpx.get(f"{sqlite_live_api.base_url}/docs").status_code == 200
+    docs = httpx.get(f"{sqlite_live_api.base_url}/docs")
+    assert docs.status_code == 200
+    # The page works offline: every script and stylesheet comes from this server.
+    assert "http://" not in docs.text and "https://" not in docs.text
+    script = httpx.get(f"{sqlite_live_api.base_url}/docs/static/swagger-ui-bundle.js")
+    assert script.status_code == 200
     spec = httpx.get(f"{sqlite_live_api.base_url}/openapi.json").json()
     assert "/api/v2/run_dpo" in spec["paths"]
 
