@@ -26,11 +26,11 @@ DATA = REPO / "examples" / "data" / "instruction_preference.strings.jsonl"
 DEMO_DIR = REPO / "var" / "demo"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-TRAIN_PAIRS = 64
+TRAIN_PAIRS = 128
 HELD_OUT_PAIRS = 100
 SEED = 7
 
-# Sized for 2 CPU cores: SFT on 16 pairs for 3 epochs, then 8 DPO optimizer steps of 8 pairs.
+# Sized for 2 CPU cores: SFT on 32 pairs for 3 epochs, then 16 DPO optimizer steps of 8 pairs.
 RUN_CONFIG = {
     "base_model": BASE_MODEL,
     "gpus": 1,
