@@ -117,6 +117,26 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
     return _with_session(action)
 
 
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.accounts import find_account
+    from app.models import ApiKey
+
+    def action(session) -> int:
+        account = find_account(session, args.name)
+        keys = session.scalars(
+            select(ApiKey).where(ApiKey.account_id == account.id).order_by(ApiKey.id)
+        )
+        for key in keys:
+            state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
+            used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
+            print(f"{key.prefix}...\t{state}\tcreated {key.created_at:%Y-%m-%d %H:%M}\tlast used {used}")
+        return 0
+
+    return _with_session(action)
+
+
 def _cmd_keys_revoke(args: argparse.Namespace) -> int:
     from app.accounts import revoke_key
 
@@ -182,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     key_create = keys.add_parser("create", help="create another API key for an account")
     key_create.add_argument("name", help="account name")
     key_create.set_defaults(handler=_cmd_keys_create)
-    key_revoke = keys.add_parser("revoke", help="revoke a key by its prefix (at least 6 chars)")
+    key_list = keys.add_parser("list", help="list an account's keys by prefix, state and last use")
+    key_list.add_argument("name", help="account name")
+    key_list.set_defaults(handler=_cmd_keys_list)
+    key_revoke = keys.add_parser(
+        "revoke", help="revoke a key by its first characters, rd- included (6 or more)"
+    )
     key_revoke.add_argument("key_prefix")
     key_revoke.set_defaults(handler=_cmd_keys_revoke)
     return parser

@@ -1,5 +1,6 @@
 """The body of `run_dpo`: every training parameter with its default, type and range."""
 
+import difflib
 import math
 from typing import Annotated, Any
 
@@ -76,9 +77,10 @@ def _describe(error: dict) -> str:
     location = ".".join(str(part) for part in error["loc"])
     value = error.get("input")
     if error["type"] == "extra_forbidden":
-        return (
-            f"unknown parameter {location!r}; see the parameter reference for the accepted names"
-        )
+        known = [*RunParams.model_fields, *DATA_FIELDS]
+        close = difflib.get_close_matches(location, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see the parameter reference"
+        return f"unknown parameter {location!r}; {hint}"
     return f"{location}={value!r}: {error['msg']}"
 
 

@@ -219,6 +219,7 @@ def test_other_accounts_get_404(live_api, service, tmp_path):
         ({"gpus": 0}, "gpus"),
         ({"gpus": 99}, "gpus=99"),
         ({"learning_rate": 0.1}, "unknown parameter 'learning_rate'"),
+        ({"dpo_learnig_rate": 0.1}, "did you mean 'dpo_learning_rate'?"),
         ({"base_model": "gpt2"}, "HuggingFaceTB/SmolLM2-135M-Instruct"),
         ({"sft_packing": "maybe"}, "sft_packing"),
     ],

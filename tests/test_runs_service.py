@@ -181,6 +181,9 @@ def test_cli_accounts_and_keys(sqlite_service):
         assert caller.account_name == "carol"
         assert credits.balance_micro(session, caller.account_id) == 7_500_000
 
+    listing = cli("keys", "list", "carol").stdout
+    assert second_key[:11] in listing
+    assert second_key not in listing
     result = cli("keys", "revoke", second_key[:11])
     assert result.returncode == 0, result.stderr
     with session_scope() as session:
