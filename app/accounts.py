@@ -19,13 +19,13 @@ from app.security import (
 
 logger = logging.getLogger(__name__)
 
-# How stale `api_keys.last_used_at` may get before a request refreshes it; it saves a write
-# on every request.
+# Maximum age of `api_keys.last_used_at` before a request refreshes it, which saves a
+# write on every request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 class AccountError(Exception):
-    """An admin command that cannot be done, with a message that says why."""
+    """An admin command that cannot be done; the message gives the reason."""
 
 
 @dataclass(frozen=True)

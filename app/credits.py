@@ -41,8 +41,8 @@ def estimate_cost_micro(
     trained tokens = token_count × (sft_ratio × sft_num_train_epochs + dpo_num_train_epochs)
     cost = trained tokens / 1,000,000 × price_per_million_tokens
 
-    `token_count` is the file's token estimate from upload (characters / 4). SFT sees the
-    `sft_ratio` sample of pairs for its epochs, DPO sees every pair for its epochs.
+    `token_count` is the file's token estimate from upload (characters / 4). SFT trains on the
+    `sft_ratio` sample of pairs for its epochs, and DPO trains on every pair for its epochs.
     """
     trained_tokens = token_count * (sft_ratio * sft_num_train_epochs + dpo_num_train_epochs)
     return math.ceil(trained_tokens * price_per_million_tokens)

@@ -62,7 +62,7 @@ class RunParams(BaseModel):
 
 
 class RunRequest(BaseModel):
-    """What `run_dpo` accepts: the data to train on and the parameters."""
+    """The body that `run_dpo` accepts: the data to train on and the parameters."""
 
     file_id: str | None = None
     hf_sft_dataset_name: str | None = None

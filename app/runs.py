@@ -127,16 +127,24 @@ def _unused_run_name(session: Session) -> str:
     raise ApiError(500, "Could not pick a unique run name; try again.")
 
 
+def _missing_run_name() -> ApiError:
+    return ApiError(400, "Invalid request: run_name is missing. Pass the name run_dpo returned.")
+
+
+def _run_not_found(run_name: str) -> ApiError:
+    return not_found(f"Run {run_name!r} not found. Check the run_name that run_dpo returned.")
+
+
 def get_run(session: Session, caller: Caller, run_name: str | None, *, lock: bool = False) -> Run:
     """Return the caller's run, or 404 for an unknown name or someone else's run."""
     if not run_name:
-        raise ApiError(400, "Invalid request: run_name is missing. Pass the name run_dpo returned.")
+        raise _missing_run_name()
     query = select(Run).where(Run.name == run_name, Run.account_id == caller.account_id)
     if lock:
         query = query.with_for_update()
     run = session.scalar(query)
     if run is None:
-        raise not_found(f"Run {run_name!r} not found. Check the run_name that run_dpo returned.")
+        raise _run_not_found(run_name)
     return run
 
 
@@ -270,9 +278,9 @@ async def read_status(api_key: str, run_name: str | None) -> Any:
     if last_used_is_stale(row.key_last_used_at):
         await run_on_connection(touch_key, row.key_id)
     if not run_name:
-        raise ApiError(400, "Invalid request: run_name is missing. Pass the name run_dpo returned.")
+        raise _missing_run_name()
     if row.name is None:
-        raise not_found(f"Run {run_name!r} not found. Check the run_name that run_dpo returned.")
+        raise _run_not_found(run_name)
     return row
 
 

@@ -362,7 +362,8 @@ def test_healthz_and_docs(sqlite_live_api):
     docs = httpx.get(f"{sqlite_live_api.base_url}/docs")
     assert docs.status_code == 200
     # The page works offline: every script and stylesheet comes from this server.
-    assert "http://" not in docs.text and "https://" not in docs.text
+    assert "http://" not in docs.text
+    assert "https://" not in docs.text
     script = httpx.get(f"{sqlite_live_api.base_url}/docs/static/swagger-ui-bundle.js")
     assert script.status_code == 200
     spec = httpx.get(f"{sqlite_live_api.base_url}/openapi.json").json()

@@ -149,7 +149,8 @@ def test_lost_worker_run_is_failed_and_refunded(sqlite_service):
     with session_scope() as session:
         run = session.scalar(select(Run))
         assert run.status == "Failed"
-        assert "worker" in run.failure_reason and "lost" in run.failure_reason
+        assert "worker" in run.failure_reason
+        assert "lost" in run.failure_reason
         assert credits.balance_micro(session, run.account_id) == 10_000_000
 
 
