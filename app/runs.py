@@ -8,19 +8,17 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app import credits
-from app.accounts import Caller, last_used_is_stale, touch_key
+from app.accounts import Caller
 from app.catalog import catalog_model
-from app.db import fetch_first, run_on_connection
-from app.errors import ApiError, invalid_key, not_found
+from app.errors import ApiError, not_found
 from app.events import EventLevel, EventType, add_event
-from app.models import ApiKey, PreferenceFile, Run, Worker, utcnow
+from app.models import PreferenceFile, Run, Worker, utcnow
 from app.names import new_run_name
 from app.params import RunRequest
-from app.security import hash_api_key, hashes_match
 from app.settings import Settings
 from app.statuses import PIPELINE, TERMINAL, RunStatus, check_transition
 
@@ -127,24 +125,24 @@ def _unused_run_name(session: Session) -> str:
     raise ApiError(500, "Could not pick a unique run name; try again.")
 
 
-def _missing_run_name() -> ApiError:
+def missing_run_name() -> ApiError:
     return ApiError(400, "Invalid request: run_name is missing. Pass the name run_dpo returned.")
 
 
-def _run_not_found(run_name: str) -> ApiError:
+def run_not_found(run_name: str) -> ApiError:
     return not_found(f"Run {run_name!r} not found. Check the run_name that run_dpo returned.")
 
 
 def get_run(session: Session, caller: Caller, run_name: str | None, *, lock: bool = False) -> Run:
     """Return the caller's run, or 404 for an unknown name or someone else's run."""
     if not run_name:
-        raise _missing_run_name()
+        raise missing_run_name()
     query = select(Run).where(Run.name == run_name, Run.account_id == caller.account_id)
     if lock:
         query = query.with_for_update()
     run = session.scalar(query)
     if run is None:
-        raise _run_not_found(run_name)
+        raise run_not_found(run_name)
     return run
 
 
@@ -247,47 +245,11 @@ STATUS_COLUMNS = (
 )
 
 
-# One query checks the API key and reads the caller's run, so get_status costs a single
-# round trip and a revoked key is rejected at once. A key with no such run still returns a
-# row, with the run's columns NULL.
-STATUS_QUERY = (
-    select(
-        ApiKey.id.label("key_id"),
-        ApiKey.key_hash.label("key_hash"),
-        ApiKey.revoked_at.label("key_revoked_at"),
-        ApiKey.last_used_at.label("key_last_used_at"),
-        *STATUS_COLUMNS,
-    )
-    .select_from(ApiKey)
-    .outerjoin(Run, (Run.account_id == ApiKey.account_id) & (Run.name == bindparam("run_name")))
-    .where(ApiKey.key_hash == bindparam("key_hash"))
-)
-
-
-async def read_status(api_key: str, run_name: str | None) -> Any:
-    """Authenticate `api_key` and return the `STATUS_COLUMNS` of its account's run.
-
-    Raises 401 for an invalid or revoked key, then 400 for a missing run name and 404 for a
-    run that does not exist or belongs to another account, as the other routes do.
-    """
-    row = await fetch_first(
-        STATUS_QUERY, {"key_hash": hash_api_key(api_key), "run_name": run_name or ""}
-    )
-    if row is None or row.key_revoked_at is not None or not hashes_match(row.key_hash, api_key):
-        raise invalid_key()
-    if last_used_is_stale(row.key_last_used_at):
-        await run_on_connection(touch_key, row.key_id)
-    if not run_name:
-        raise _missing_run_name()
-    if row.name is None:
-        raise _run_not_found(run_name)
-    return row
-
-
 def status_payload(run: Any, download_url: str | None) -> dict[str, Any]:
     """Build the body of get_status: the fields the official client reads, then extras.
 
-    `run` is a Run, or a row from `read_status` with the `STATUS_COLUMNS` as attributes.
+    `run` is a Run, or a row from `status_reads.read_status` with the `STATUS_COLUMNS` as
+    attributes.
     """
     status = RunStatus(run.status)
     payload: dict[str, Any] = {

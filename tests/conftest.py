@@ -38,6 +38,7 @@ def clear_caches() -> None:
     if db.get_engine.cache_info().currsize:
         db.get_engine().dispose()
     db.get_engine.cache_clear()
+    db.get_async_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
     deps.get_storage.cache_clear()
     deps.get_rate_limiter.cache_clear()

@@ -2,7 +2,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query
 
-from app import queue, runs
+from app import queue, runs, status_reads
 from app.deps import (
     CallerDep,
     SessionDep,
@@ -42,12 +42,12 @@ async def get_status(
 ) -> dict[str, Any]:
     """Return a run's status and percent; on Complete also its download_url.
 
-    The API key is checked in the same query that reads the run (see `runs.read_status`),
-    the one request path that polling clients call many times a second.
+    The API key is checked in the same query that reads the run, and concurrent requests
+    share queries (see `app.status_reads`): polling clients call this route more than any other.
     """
     if run_name is None and body:
         run_name = body.get("run_name") or body.get("run_id")
-    run = await runs.read_status(check_key_present(x_api_key), run_name)
+    run = await status_reads.read_status(check_key_present(x_api_key), run_name)
     await enforce_request_limit(settings, run.key_id)
     return runs.status_payload(run, download_url(settings, storage, run))
 

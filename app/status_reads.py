@@ -1,0 +1,178 @@
+"""get_status reads: the API key check and the run's status in one query, shared by requests.
+
+Polling clients call get_status far more often than any other route. Each call checks its API
+key and reads its run after the request arrived, so a revoked key gets 401 at once and a
+status is never older than the request that asked for it.
+
+On PostgreSQL the reads of one API process are coalesced. When no read is in flight, a
+request's query starts on the next turn of the event loop. While one is in flight, the
+requests that arrive wait for it to finish and then go together in one query. Every request
+is answered from a query that started after it arrived, and under load one round trip serves
+many requests. On SQLite each request runs its own query in a worker thread.
+"""
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+from sqlalchemy import Text, bindparam, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
+
+from app.accounts import last_used_is_stale, touch_key
+from app.db import fetch_all, fetch_first, get_async_engine, run_on_connection
+from app.errors import invalid_key
+from app.models import ApiKey, Run
+from app.runs import STATUS_COLUMNS, missing_run_name, run_not_found
+from app.security import hash_api_key, hashes_match
+
+logger = logging.getLogger(__name__)
+
+# The most (key, run) pairs in one coalesced query; more wait for the next one.
+MAX_PAIRS_PER_QUERY = 500
+
+KEY_COLUMNS = (
+    ApiKey.id.label("key_id"),
+    ApiKey.key_hash.label("key_hash"),
+    ApiKey.revoked_at.label("key_revoked_at"),
+    ApiKey.last_used_at.label("key_last_used_at"),
+)
+
+# One request: the key and the caller's run. A key with no such run still returns a row, with
+# the run's columns NULL.
+STATUS_QUERY = (
+    select(*KEY_COLUMNS, *STATUS_COLUMNS)
+    .select_from(ApiKey)
+    .outerjoin(Run, (Run.account_id == ApiKey.account_id) & (Run.name == bindparam("run_name")))
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
+
+# Many requests: the same columns for each (key hash, run name) pair of two arrays, with the
+# pair it answers.
+_wanted = (
+    func.unnest(
+        bindparam("key_hashes", type_=ARRAY(Text)), bindparam("run_names", type_=ARRAY(Text))
+    )
+    .table_valued("key_hash", "run_name")
+    .render_derived(name="wanted")
+)
+COALESCED_STATUS_QUERY = (
+    select(
+        _wanted.c.key_hash.label("wanted_key_hash"),
+        _wanted.c.run_name.label("wanted_run_name"),
+        *KEY_COLUMNS,
+        *STATUS_COLUMNS,
+    )
+    .select_from(_wanted)
+    .join(ApiKey, ApiKey.key_hash == _wanted.c.key_hash)
+    .outerjoin(Run, (Run.account_id == ApiKey.account_id) & (Run.name == _wanted.c.run_name))
+)
+
+Pair = tuple[str, str]
+
+
+class CoalescingReader:
+    """Collects the status reads of one event loop and runs them in shared queries."""
+
+    def __init__(self, max_pairs: int = MAX_PAIRS_PER_QUERY) -> None:
+        self.max_pairs = max_pairs
+        self.queries = 0
+        self._waiting: dict[Pair, list[asyncio.Future]] = {}
+        self._runner: asyncio.Task | None = None
+
+    async def read(self, key_hash: str, run_name: str) -> Any | None:
+        """Return the row for this key and run name, or None for an unknown key."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.setdefault((key_hash, run_name), []).append(future)
+        if self._runner is None:
+            self._runner = loop.create_task(self._run_queries())
+        return await future
+
+    async def _run_queries(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._take_batch()
+                self.queries += 1
+                try:
+                    rows = await fetch_all(
+                        COALESCED_STATUS_QUERY,
+                        {
+                            "key_hashes": [key_hash for key_hash, _ in batch],
+                            "run_names": [run_name for _, run_name in batch],
+                        },
+                    )
+                except asyncio.CancelledError:
+                    _settle(batch, cancel=True)
+                    raise
+                except Exception as error:
+                    _settle(batch, error=error)
+                    continue
+                by_pair = {(row.wanted_key_hash, row.wanted_run_name): row for row in rows}
+                for pair, futures in batch.items():
+                    row = by_pair.get(pair)
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(row)
+        finally:
+            self._runner = None
+            # Requests that arrived after a cancellation get the same answer.
+            while self._waiting:
+                _settle(self._take_batch(), cancel=True)
+
+    def _take_batch(self) -> dict[Pair, list[asyncio.Future]]:
+        if len(self._waiting) <= self.max_pairs:
+            batch, self._waiting = self._waiting, {}
+            return batch
+        pairs = list(self._waiting)[: self.max_pairs]
+        return {pair: self._waiting.pop(pair) for pair in pairs}
+
+
+def _settle(
+    batch: dict[Pair, list[asyncio.Future]], *, error: Exception | None = None, cancel: bool = False
+) -> None:
+    for futures in batch.values():
+        for future in futures:
+            if future.done():
+                continue
+            if cancel:
+                future.cancel()
+            else:
+                future.set_exception(error)
+
+
+# One reader per event loop: a future belongs to the loop that created it.
+_readers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, CoalescingReader]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def coalescing_reader() -> CoalescingReader:
+    loop = asyncio.get_running_loop()
+    reader = _readers.get(loop)
+    if reader is None:
+        reader = _readers[loop] = CoalescingReader()
+    return reader
+
+
+async def read_status(api_key: str, run_name: str | None) -> Any:
+    """Authenticate `api_key` and return the `STATUS_COLUMNS` of its account's run.
+
+    Raises 401 for an invalid or revoked key, then 400 for a missing run name and 404 for a
+    run that does not exist or belongs to another account, as the other routes do.
+    """
+    key_hash = hash_api_key(api_key)
+    if get_async_engine() is None:
+        row = await fetch_first(STATUS_QUERY, {"key_hash": key_hash, "run_name": run_name or ""})
+    else:
+        row = await coalescing_reader().read(key_hash, run_name or "")
+    if row is None or row.key_revoked_at is not None or not hashes_match(row.key_hash, api_key):
+        raise invalid_key()
+    if last_used_is_stale(row.key_last_used_at):
+        await run_on_connection(touch_key, row.key_id)
+    if not run_name:
+        raise missing_run_name()
+    if row.name is None:
+        raise run_not_found(run_name)
+    return row
+

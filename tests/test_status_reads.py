@@ -1,0 +1,175 @@
+"""get_status reads on PostgreSQL: concurrent requests share queries and never see old data."""
+
+import asyncio
+
+import pytest
+from sqlalchemy import update
+
+from app import status_reads
+from app.accounts import authenticate, create_account, revoke_key
+from app.db import session_scope
+from app.errors import ApiError
+from app.models import Run
+from app.statuses import RunStatus
+from app.status_reads import CoalescingReader, coalescing_reader, read_status
+
+
+def add_run(account_id: int, name: str) -> None:
+    with session_scope() as session:
+        session.add(
+            Run(
+                name=name,
+                account_id=account_id,
+                base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                gpus=1,
+                params={},
+            )
+        )
+
+
+def new_account(name: str, run_names: list[str]) -> str:
+    """Create an account with runs of the given names and return its API key."""
+    with session_scope() as session:
+        _, key = create_account(session, name, 10)
+        session.flush()
+        account_id = authenticate(session, key).account_id
+    for run_name in run_names:
+        add_run(account_id, run_name)
+    return key
+
+
+async def status_code_of(api_key: str, run_name: str | None) -> int | str:
+    try:
+        row = await read_status(api_key, run_name)
+    except ApiError as error:
+        return error.status_code
+    return row.status
+
+
+def test_concurrent_reads_share_queries_and_get_their_own_answers(postgres_service):
+    alice = new_account("alice", ["alice_run_1", "alice_run_2"])
+    bob = new_account("bob", ["bob_run_1"])
+    with session_scope() as session:
+        session.execute(
+            update(Run).where(Run.name == "alice_run_2").values(status=RunStatus.TRAINING_DPO.value)
+        )
+
+    requests = [
+        (alice, "alice_run_1", RunStatus.PENDING.value),
+        (alice, "alice_run_2", RunStatus.TRAINING_DPO.value),
+        (bob, "bob_run_1", RunStatus.PENDING.value),
+        (bob, "alice_run_1", 404),  # someone else's run
+        (alice, "no_such_run", 404),
+        (alice, None, 400),
+        ("rd-" + "x" * 40, "alice_run_1", 401),
+    ] * 6
+
+    async def scenario() -> tuple[list, int]:
+        answers = await asyncio.gather(
+            *(status_code_of(key, run_name) for key, run_name, _ in requests)
+        )
+        return answers, coalescing_reader().queries
+
+    answers, queries = asyncio.run(scenario())
+
+    assert answers == [expected for _, _, expected in requests]
+    # 42 requests over 7 distinct pairs arrived on one turn of the loop: one query.
+    assert queries == 1
+
+
+def test_request_during_a_query_waits_for_a_later_one(postgres_service, monkeypatch):
+    """A key revoked while a query is in flight is refused to the requests that come after."""
+    key = new_account("carol", ["carol_run"])
+    real_fetch_all = status_reads.fetch_all
+    calls: list[list[str]] = []
+
+    async def scenario() -> tuple[int | str, int | str]:
+        executed, release = asyncio.Event(), asyncio.Event()
+
+        async def fetch_all_then_hold(query, parameters):
+            calls.append(list(parameters["key_hashes"]))
+            rows = await real_fetch_all(query, parameters)
+            if len(calls) == 1:
+                executed.set()
+                await release.wait()
+            return rows
+
+        monkeypatch.setattr(status_reads, "fetch_all", fetch_all_then_hold)
+        first = asyncio.create_task(status_code_of(key, "carol_run"))
+        await executed.wait()
+
+        with session_scope() as session:
+            revoke_key(session, key[:11])
+        second = asyncio.create_task(status_code_of(key, "carol_run"))
+        await asyncio.sleep(0.05)
+        assert not second.done()
+
+        release.set()
+        return await first, await second
+
+    first, second = asyncio.run(scenario())
+
+    assert first == RunStatus.PENDING.value
+    assert second == 401
+    assert len(calls) == 2
+
+
+def test_failed_query_fails_its_requests_only(postgres_service, monkeypatch):
+    key = new_account("dave", ["dave_run"])
+    real_fetch_all = status_reads.fetch_all
+    failures = [RuntimeError("connection refused")]
+
+    async def fail_once(query, parameters):
+        if failures:
+            raise failures.pop()
+        return await real_fetch_all(query, parameters)
+
+    monkeypatch.setattr(status_reads, "fetch_all", fail_once)
+
+    async def scenario() -> tuple[list, int | str]:
+        failed = await asyncio.gather(
+            *(status_code_of(key, "dave_run") for _ in range(3)), return_exceptions=True
+        )
+        return failed, await status_code_of(key, "dave_run")
+
+    failed, later = asyncio.run(scenario())
+
+    assert [str(error) for error in failed] == ["connection refused"] * 3
+    assert later == RunStatus.PENDING.value
+
+
+def test_cancelled_request_leaves_the_others_answered(postgres_service):
+    key = new_account("erin", ["erin_run"])
+
+    async def scenario() -> tuple[bool, list]:
+        leaving = asyncio.create_task(status_code_of(key, "erin_run"))
+        staying = [asyncio.create_task(status_code_of(key, "erin_run")) for _ in range(3)]
+        await asyncio.sleep(0)
+        leaving.cancel()
+        answers = await asyncio.gather(*staying)
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        return leaving.cancelled(), answers
+
+    cancelled, answers = asyncio.run(scenario())
+
+    assert cancelled
+    assert answers == [RunStatus.PENDING.value] * 3
+
+
+def test_large_batches_are_split(postgres_service):
+    key = new_account("frank", [f"frank_run_{index}" for index in range(7)])
+    reader = CoalescingReader(max_pairs=3)
+
+    async def scenario() -> list:
+        from app.security import hash_api_key
+
+        rows = await asyncio.gather(
+            *(reader.read(hash_api_key(key), f"frank_run_{index}") for index in range(7))
+        )
+        return [row.name for row in rows]
+
+    names = asyncio.run(scenario())
+
+    assert names == [f"frank_run_{index}" for index in range(7)]
+    assert reader.queries == 3
