@@ -1,14 +1,14 @@
-"""The DPO speed-ups keep the results: chunked log-probabilities and length-grouped batches."""
+"""The training speed-ups keep the results: chunked log-probabilities and length-grouped batches."""
 
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from torch.utils.data import SequentialSampler
 from peft import LoraConfig
+from torch.utils.data import SequentialSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from tests.test_training import real_pairs
 from tests.tiny_model import tiny_model_dir  # noqa: F401 (fixture)
@@ -20,6 +20,7 @@ from worker.training.fast_dpo import (
     chunked_head_supported,
     chunked_token_log_probs,
 )
+from worker.training.fast_sft import FastSFTTrainer
 
 TOLERANCE = 1e-5
 
@@ -136,6 +137,59 @@ def test_fast_trainer_loss_matches_trl(tmp_path: Path, tiny_model_dir: Path):  #
     assert plain_metrics.keys() == fast_metrics.keys()
     for key, value in plain_metrics.items():
         assert fast_metrics[key] == pytest.approx(value, abs=1e-4), key
+
+
+def tiny_sft_trainer(
+    model_dir: Path, trainer_class, output_dir: Path, packing: bool, **kwargs
+) -> SFTTrainer:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=2,
+        max_length=96,
+        packing=packing,
+        completion_only_loss=True,
+        report_to="none",
+        seed=3,
+    )
+    rows = [{"prompt": pair["prompt"], "completion": pair["chosen"]} for pair in real_pairs(6)]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_fast_sft_trainer_matches_trl(tmp_path: Path, tiny_model_dir: Path, packing: bool):  # noqa: F811
+    plain = tiny_sft_trainer(tiny_model_dir, SFTTrainer, tmp_path / "plain", packing)
+    fast = tiny_sft_trainer(
+        tiny_model_dir, FastSFTTrainer, tmp_path / "fast", packing, chunk_tokens=7
+    )
+    batch = plain.data_collator([plain.train_dataset[i] for i in range(2)])
+    labels = batch["labels"]
+    assert (labels == -100).any() and (labels != -100).any()
+    base_model = fast.model.get_base_model()
+    assert "add_chunked_lm_head" in base_model.forward.__func__.__code__.co_qualname
+
+    plain_loss, plain_gradients = trained_lora_gradients(plain, batch)
+    fast_loss, fast_gradients = trained_lora_gradients(fast, batch)
+
+    assert abs(plain_loss - fast_loss) < TOLERANCE
+    assert plain_gradients.keys() == fast_gradients.keys()
+    assert plain_gradients
+    largest = max((plain_gradients[k] - fast_gradients[k]).abs().max() for k in plain_gradients)
+    assert largest < TOLERANCE
+    for key in ("entropy", "mean_token_accuracy"):
+        plain_value = plain._metrics["train"][key][-1]
+        assert fast._metrics["train"][key][-1] == pytest.approx(plain_value, abs=1e-4), key
 
 
 @pytest.mark.parametrize(("count", "batch_size"), [(1, 8), (8, 8), (37, 4), (100, 3)])

@@ -12,7 +12,7 @@ from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer, TrainerCallback
-from trl import DPOConfig, SFTConfig, SFTTrainer
+from trl import DPOConfig, SFTConfig
 
 from app.statuses import RunStatus
 from worker.training import data as training_data
@@ -20,6 +20,7 @@ from worker.training.adapter import combine_adapters, save_adapter, write_traini
 from worker.training.data import TrainingData
 from worker.training.errors import DataError
 from worker.training.fast_dpo import DPOSpeedups, FastDPOTrainer
+from worker.training.fast_sft import FastSFTTrainer
 from worker.training.job import PairsData, TrainingJob
 from worker.training.model import bf16_supported, load_model, load_tokenizer
 from worker.training.progress import ProgressCallback, ProgressReporter
@@ -152,9 +153,10 @@ def build_sft_trainer(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: Path,
     callbacks: list[TrainerCallback],
-) -> SFTTrainer:
+) -> FastSFTTrainer:
+    """Return an SFT trainer on a fresh LoRA adapter, on completion tokens only."""
     params = job.params
-    return SFTTrainer(
+    return FastSFTTrainer(
         model=model,
         args=sft_config(job, output_dir),
         train_dataset=Dataset.from_list(rows),
