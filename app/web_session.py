@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session
 
 from app.accounts import Caller
 from app.models import Account, ApiKey
-from app.security import sign_token, signing_secret, verify_token
 from app.multipart import PartReader
+from app.security import sign_token, signing_secret, verify_token
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -6,17 +6,19 @@ Run from the repository root, with PostgreSQL on 127.0.0.1:5432:
     .venv/bin/python bench/api.py --quick
 
 The harness creates a scratch PostgreSQL database and a temporary data directory and starts
-`rundpo-server api` on a loopback port. Through the API it creates an account, uploads a
-file and starts a run. It then moves the run to "Training DPO" with metrics, so that
-get_status returns a full body. It measures:
+`rundpo-server api` on a loopback port. Through the API it creates accounts (`--accounts`),
+uploads a file for each and starts runs on it (`--runs-per-account`). It then moves every
+run to "Training DPO" with metrics, so that get_status returns a full body. It measures:
 
 1. get_status: requests per second and p50/p99 latency at each client count, and the same
    for `bench/bare_app.py`, a bare FastAPI endpoint that returns the same JSON with no
    database and no API key, served by uvicorn with the same arguments (worker count, log
-   level, and uvicorn's automatic choice of event loop and HTTP parser). The two servers
-   are measured in turn, repeat by repeat, so that noise from other load hits both alike.
-   The load generator is `wrk` when it is installed, otherwise an asyncio client in this
-   process. Each measurement stops after `--duration-s` or `--max-requests`.
+   level, and uvicorn's automatic choice of event loop and HTTP parser). Each request asks
+   for a run drawn at random, with its account's key, as many users polling their own runs
+   would; the bare endpoint gets the same requests. The two servers are measured in turn,
+   repeat by repeat, so that noise from other load hits both alike. The load generator is
+   `wrk` when it is installed, otherwise an asyncio client in this process. Each
+   measurement stops after `--duration-s` or `--max-requests`.
 2. upload_file: MB/s (1 MB = 10^6 bytes) and peak RSS of the server's process tree for
    preference files built by repeating the pairs in examples/data. The client streams each
    file from disk with sendfile. The same file is also parsed line by line with orjson, and
@@ -34,6 +36,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import secrets
 import shutil
@@ -67,9 +70,20 @@ DEFAULT_POSTGRES_URL = os.environ.get(
     "RUNDPO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
+# Each request polls a run drawn at random from BENCH_TARGETS (lines of "API_KEY RUN_NAME").
 WRK_SCRIPT = """
 local max_requests = tonumber(os.getenv("BENCH_MAX_REQUESTS"))
 local done = 0
+local requests = {}
+for line in io.lines(os.getenv("BENCH_TARGETS")) do
+  local key, run_name = line:match("^(%S+) (%S+)$")
+  requests[#requests + 1] = wrk.format(
+    "GET", wrk.path .. "?run_name=" .. run_name, {["X-API-Key"] = key}
+  )
+end
+function request()
+  return requests[math.random(#requests)]
+end
 function response(status, headers, body)
   done = done + 1
   if done >= max_requests then wrk.thread:stop() end
@@ -254,25 +268,34 @@ def write_preference_file(path: Path, size_bytes: int) -> None:
             written += len(line)
 
 
-def prepare_run(api_url: str, api_key: str, work_dir: Path, database_url: str) -> str:
-    """Upload a small file, start a run on it and move the run to "Training DPO"."""
+def prepare_runs(
+    api_url: str, api_keys: list[str], runs_per_account: int, work_dir: Path, database_url: str
+) -> list[tuple[str, str]]:
+    """Start runs for each key on a small file, move them to "Training DPO", return the pairs.
+
+    Each pair is an API key and the name of one of its account's runs.
+    """
     small = work_dir / "small.jsonl"
     small.write_bytes(b"".join(source_lines()[:50]))
-    headers = {"X-API-Key": api_key}
-    with open(small, "rb") as handle:
-        response = httpx.post(
-            f"{api_url}/upload_file", headers=headers, files={"jsonl_file": handle}, timeout=60
-        )
-    response.raise_for_status()
-    file_id = response.json()["file_id"]
-    response = httpx.post(
-        f"{api_url}/run_dpo",
-        headers=headers,
-        json={"file_id": file_id, "base_model": "Qwen/Qwen2-0.5B", "gpus": 1},
-        timeout=60,
-    )
-    response.raise_for_status()
-    run_name = response.json()["run_name"]
+    targets = []
+    for api_key in api_keys:
+        headers = {"X-API-Key": api_key}
+        with open(small, "rb") as handle:
+            response = httpx.post(
+                f"{api_url}/upload_file", headers=headers, files={"jsonl_file": handle},
+                timeout=60,
+            )
+        response.raise_for_status()
+        file_id = response.json()["file_id"]
+        for _ in range(runs_per_account):
+            response = httpx.post(
+                f"{api_url}/run_dpo",
+                headers=headers,
+                json={"file_id": file_id, "base_model": "Qwen/Qwen2-0.5B", "gpus": 1},
+                timeout=60,
+            )
+            response.raise_for_status()
+            targets.append((api_key, response.json()["run_name"]))
 
     metrics = {"loss": 0.4213, "rewards/accuracies": 0.71, "rewards/margins": 0.83, "epoch": 0.4}
     engine = sa.create_engine(database_url)
@@ -282,12 +305,12 @@ def prepare_run(api_url: str, api_key: str, work_dir: Path, database_url: str) -
                 "UPDATE runs SET status = 'Training DPO', percent = 42.5, step = 120,"
                 " total_steps = 300, started_at = now() - interval '10 minutes',"
                 " phase_started_at = now() - interval '2 minutes',"
-                " latest_metrics = CAST(:metrics AS JSON) WHERE name = :name"
+                " latest_metrics = CAST(:metrics AS JSON)"
             ),
-            {"metrics": json.dumps(metrics), "name": run_name},
+            {"metrics": json.dumps(metrics)},
         )
     engine.dispose()
-    return run_name
+    return targets
 
 
 def parse_wrk_duration_ms(text: str) -> float:
@@ -299,15 +322,17 @@ def parse_wrk_duration_ms(text: str) -> float:
 
 
 def run_wrk(
-    server: str, url: str, api_key: str, clients: int, duration_s: float, max_requests: int,
-    script: Path,
+    server: str, url: str, targets_path: Path, clients: int, duration_s: float,
+    max_requests: int, script: Path,
 ) -> LoadResult:
     """Load `url` with wrk, one thread, `clients` keep-alive connections."""
     command = [
         "wrk", "-t1", f"-c{clients}", f"-d{max(1, round(duration_s))}s", "--latency",
-        "--timeout", "10s", "-s", str(script), "-H", f"X-API-Key: {api_key}", url,
+        "--timeout", "10s", "-s", str(script), url,
     ]
-    env = {**os.environ, "BENCH_MAX_REQUESTS": str(max_requests)}
+    env = {
+        **os.environ, "BENCH_MAX_REQUESTS": str(max_requests), "BENCH_TARGETS": str(targets_path)
+    }
     output = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=duration_s + 60, check=True
     ).stdout
@@ -335,15 +360,15 @@ def run_wrk(
 
 
 async def _asyncio_client(
-    port: int, request: bytes, deadline: float, budget: list[int], latencies: list[float],
-    errors: list[int],
+    port: int, requests: list[bytes], deadline: float, budget: list[int],
+    latencies: list[float], errors: list[int],
 ) -> None:
     reader, writer = await asyncio.open_connection(HOST, port)
     try:
         while budget[0] > 0 and time.perf_counter() < deadline:
             budget[0] -= 1
             start = time.perf_counter()
-            writer.write(request)
+            writer.write(random.choice(requests))
             head = await reader.readuntil(b"\r\n\r\n")
             length = re.search(rb"(?i)content-length:\s*(\d+)", head)
             await reader.readexactly(int(length.group(1)) if length else 0)
@@ -355,14 +380,19 @@ async def _asyncio_client(
 
 
 def run_asyncio_load(
-    server: str, url: str, api_key: str, clients: int, duration_s: float, max_requests: int
+    server: str, url: str, targets: list[tuple[str, str]], clients: int, duration_s: float,
+    max_requests: int,
 ) -> LoadResult:
     """Load `url` from this process with `clients` keep-alive connections; wrk's fallback."""
     parsed = httpx.URL(url)
-    target = parsed.raw_path.decode()
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {HOST}:{parsed.port}\r\nX-API-Key: {api_key}\r\n\r\n"
-    ).encode()
+    path = parsed.raw_path.decode()
+    requests = [
+        (
+            f"GET {path}?run_name={run_name} HTTP/1.1\r\nHost: {HOST}:{parsed.port}\r\n"
+            f"X-API-Key: {api_key}\r\n\r\n"
+        ).encode()
+        for api_key, run_name in targets
+    ]
     latencies: list[float] = []
     errors = [0]
     budget = [max_requests]
@@ -372,7 +402,7 @@ def run_asyncio_load(
         deadline = start + duration_s
         await asyncio.gather(
             *(
-                _asyncio_client(parsed.port, request, deadline, budget, latencies, errors)
+                _asyncio_client(parsed.port, requests, deadline, budget, latencies, errors)
                 for _ in range(clients)
             )
         )
@@ -393,8 +423,8 @@ def run_asyncio_load(
 
 
 def measure_status(
-    servers: dict[str, tuple[Server, str]], api_key: str, args: argparse.Namespace,
-    work_dir: Path,
+    servers: dict[str, tuple[Server, str]], targets: list[tuple[str, str]],
+    args: argparse.Namespace, work_dir: Path,
 ) -> list[LoadResult]:
     """Measure each server at each client count, `args.repeat` times, alternating servers.
 
@@ -404,14 +434,16 @@ def measure_status(
     use_wrk = shutil.which("wrk") is not None
     script = work_dir / "bounded.lua"
     script.write_text(WRK_SCRIPT)
+    targets_path = work_dir / "targets.txt"
+    targets_path.write_text("".join(f"{key} {run_name}\n" for key, run_name in targets))
 
     def load(name: str, clients: int, duration_s: float, max_requests: int) -> LoadResult:
         server, url = servers[name]
         cpu_before_s = server.tree_cpu_s()
         if use_wrk:
-            result = run_wrk(name, url, api_key, clients, duration_s, max_requests, script)
+            result = run_wrk(name, url, targets_path, clients, duration_s, max_requests, script)
         else:
-            result = run_asyncio_load(name, url, api_key, clients, duration_s, max_requests)
+            result = run_asyncio_load(name, url, targets, clients, duration_s, max_requests)
         cpu_s = server.tree_cpu_s() - cpu_before_s
         result.server_cpu_us_per_request = round(cpu_s / max(result.requests, 1) * 1e6, 1)
         return result
@@ -657,6 +689,8 @@ def environment(args: argparse.Namespace) -> dict:
         "max_requests": args.max_requests,
         "repeat": args.repeat,
         "rate_limits": "off",
+        "accounts": args.accounts,
+        "runs_per_account": args.runs_per_account,
     }
 
 
@@ -686,6 +720,12 @@ def parse_args() -> argparse.Namespace:
         help="uvicorn worker processes of both servers (default: the CPU count)",
     )
     parser.add_argument("--log-level", default="warning", help="log level of both servers")
+    parser.add_argument(
+        "--accounts", type=int, default=8, help="accounts whose runs get_status polls"
+    )
+    parser.add_argument(
+        "--runs-per-account", type=int, default=8, help="runs of each of those accounts"
+    )
     parser.add_argument(
         "--only", choices=["status", "upload"], help="run only one of the two measurements"
     )
@@ -722,9 +762,17 @@ def main() -> int:
             "RUNDPO_UPLOAD_RATE_LIMIT_PER_MINUTE": "0",
         }
         run_cli(["migrate"], env)
-        api_key = json.loads(
-            run_cli(["accounts", "create", "--name", "bench", "--credits", "1000000", "--json"], env)
-        )["api_key"]
+        api_keys = [
+            json.loads(
+                run_cli(
+                    ["accounts", "create", "--name", f"bench-{index}", "--credits", "1000000",
+                     "--json"],
+                    env,
+                )
+            )["api_key"]
+            for index in range(args.accounts)
+        ]
+        api_key = api_keys[0]
 
         server_args = ["--workers", str(args.workers), "--host", HOST]
         api = Server(
@@ -736,9 +784,14 @@ def main() -> int:
         bare = None
         try:
             api_url = f"{api.base_url}/api/v2"
-            run_name = prepare_run(api_url, api_key, work_dir, database_url)
-            status_url = f"{api_url}/get_status?run_name={run_name}"
-            body = httpx.get(status_url, headers={"X-API-Key": api_key}, timeout=10)
+            targets = prepare_runs(
+                api_url, api_keys, args.runs_per_account, work_dir, database_url
+            )
+            status_url = f"{api_url}/get_status"
+            body = httpx.get(
+                status_url, params={"run_name": targets[0][1]}, headers={"X-API-Key": api_key},
+                timeout=10,
+            )
             body.raise_for_status()
             results["status_body"] = body.json()
 
@@ -751,12 +804,16 @@ def main() -> int:
                     {"BENCH_STATUS_BODY": str(body_path)},
                     work_dir / "bare.log",
                 )
-                print(f"get_status on run {run_name}, {args.workers} uvicorn workers", flush=True)
+                print(
+                    f"get_status on {len(targets)} runs of {len(api_keys)} accounts,"
+                    f" {args.workers} uvicorn workers",
+                    flush=True,
+                )
                 servers = {
                     "get_status": (api, status_url),
                     "bare": (bare, f"{bare.base_url}/api/v2/get_status"),
                 }
-                raw = measure_status(servers, api_key, args, work_dir)
+                raw = measure_status(servers, targets, args, work_dir)
                 results["get_status_runs"] = [asdict(result) for result in raw]
                 status = summarize_status(raw)
                 bare.stop()

@@ -234,9 +234,8 @@ def run_child(spec_path: Path) -> None:
     from transformers import PrinterCallback
 
     from worker.training.data import fit_rows
-    from worker.training.model import load_model
+    from worker.training.model import load_model, load_tokenizer
     from worker.training.progress import ProgressReporter
-    from worker.training.model import load_tokenizer
 
     spec = json.loads(spec_path.read_text())
     output_dir = spec_path.parent / "output"

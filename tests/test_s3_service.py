@@ -3,7 +3,6 @@ download links are presigned S3 URLs. Runs against moto's S3 server on loopback.
 
 import json
 
-import boto3
 import pytest
 import rundpo
 from sqlalchemy import select
@@ -11,8 +10,15 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.models import Run
 from tests.conftest import start_api, stop_process
-from tests.test_storage import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY, bucket, s3_client, s3_endpoint  # noqa: F401
-from tests.test_supervisor import FAST_PARAMS, TINY, service_with_model, write_pairs_file
+from tests.test_storage import (  # noqa: F401
+    ACCESS_KEY_ID,
+    REGION,
+    SECRET_ACCESS_KEY,
+    bucket,
+    s3_client,
+    s3_endpoint,
+)
+from tests.test_supervisor import FAST_PARAMS, service_with_model, write_pairs_file
 from tests.tiny_model import tiny_model_dir  # noqa: F401
 from worker.supervisor import RunSupervisor
 

@@ -17,10 +17,9 @@ from sqlalchemy import select
 from app import credits
 from app.db import session_scope
 from app.models import LedgerEntry, Run, RunEvent
-from app.statuses import PIPELINE, RunStatus
+from app.statuses import PIPELINE
 from tests.conftest import (
     DATA_DIR,
-    REPO,
     LiveServer,
     Service,
     make_service,

@@ -202,8 +202,8 @@ class RunSupervisor:
 
     def _prepare(self, lease: GpuLease | None) -> Path:
         """Write the job file: the base model's directory, the pairs, every parameter."""
-        from worker.model_store import ModelUnavailable, resolve_model
         from app.params import RunParams
+        from worker.model_store import ModelUnavailable, resolve_model
         from worker.training.job import HubData, PairsData, TrainingJob
 
         shutil.rmtree(self.work_dir, ignore_errors=True)
