@@ -6,9 +6,9 @@ status is never older than the request that asked for it.
 
 On PostgreSQL the reads of one API process are coalesced. When no read is in flight, a
 request's query starts on the next turn of the event loop. While one is in flight, the
-requests that arrive wait for it to finish and then go together in one query. Every request
-is answered from a query that started after it arrived, and under load one round trip serves
-many requests. On SQLite each request runs its own query in a worker thread.
+requests that arrive wait for it to finish and then go together in one query. So each request
+reads from a query that started after it arrived, and under load one round trip serves many
+requests. On SQLite each request runs its own query in a worker thread.
 """
 
 import asyncio
@@ -47,25 +47,25 @@ STATUS_QUERY = (
     .where(ApiKey.key_hash == bindparam("key_hash"))
 )
 
-# Many requests: the same columns for each (key hash, run name) pair of two arrays, with the
-# pair it answers.
-_wanted = (
+# Many requests: the same columns for each (key hash, run name) pair of two arrays, each row
+# with the pair it belongs to.
+_requested = (
     func.unnest(
         bindparam("key_hashes", type_=ARRAY(Text)), bindparam("run_names", type_=ARRAY(Text))
     )
     .table_valued("key_hash", "run_name")
-    .render_derived(name="wanted")
+    .render_derived(name="requested")
 )
 COALESCED_STATUS_QUERY = (
     select(
-        _wanted.c.key_hash.label("wanted_key_hash"),
-        _wanted.c.run_name.label("wanted_run_name"),
+        _requested.c.key_hash.label("requested_key_hash"),
+        _requested.c.run_name.label("requested_run_name"),
         *KEY_COLUMNS,
         *STATUS_COLUMNS,
     )
-    .select_from(_wanted)
-    .join(ApiKey, ApiKey.key_hash == _wanted.c.key_hash)
-    .outerjoin(Run, (Run.account_id == ApiKey.account_id) & (Run.name == _wanted.c.run_name))
+    .select_from(_requested)
+    .join(ApiKey, ApiKey.key_hash == _requested.c.key_hash)
+    .outerjoin(Run, (Run.account_id == ApiKey.account_id) & (Run.name == _requested.c.run_name))
 )
 
 Pair = tuple[str, str]
@@ -106,9 +106,12 @@ class CoalescingReader:
                     _settle(batch, cancel=True)
                     raise
                 except Exception as error:
+                    logger.warning(
+                        "get_status query for %d requests failed: %s", len(batch), error
+                    )
                     _settle(batch, error=error)
                     continue
-                by_pair = {(row.wanted_key_hash, row.wanted_run_name): row for row in rows}
+                by_pair = {(row.requested_key_hash, row.requested_run_name): row for row in rows}
                 for pair, futures in batch.items():
                     row = by_pair.get(pair)
                     for future in futures:
@@ -116,7 +119,7 @@ class CoalescingReader:
                             future.set_result(row)
         finally:
             self._runner = None
-            # Requests that arrived after a cancellation get the same answer.
+            # Requests that arrived after a cancellation are cancelled too.
             while self._waiting:
                 _settle(self._take_batch(), cancel=True)
 

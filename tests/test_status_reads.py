@@ -46,7 +46,7 @@ async def status_code_of(api_key: str, run_name: str | None) -> int | str:
     return row.status
 
 
-def test_concurrent_reads_share_queries_and_get_their_own_answers(postgres_service):
+def test_concurrent_reads_share_one_query(postgres_service):
     alice = new_account("alice", ["alice_run_1", "alice_run_2"])
     bob = new_account("bob", ["bob_run_1"])
     with session_scope() as session:
@@ -77,7 +77,7 @@ def test_concurrent_reads_share_queries_and_get_their_own_answers(postgres_servi
     assert queries == 1
 
 
-def test_request_during_a_query_waits_for_a_later_one(postgres_service, monkeypatch):
+def test_read_during_query_waits_for_next(postgres_service, monkeypatch):
     """A key revoked while a query is in flight is refused to the requests that come after."""
     key = new_account("carol", ["carol_run"])
     real_fetch_all = status_reads.fetch_all
@@ -138,7 +138,7 @@ def test_failed_query_fails_its_requests_only(postgres_service, monkeypatch):
     assert later == RunStatus.PENDING.value
 
 
-def test_cancelled_request_leaves_the_others_answered(postgres_service):
+def test_cancelled_read_leaves_others(postgres_service):
     key = new_account("erin", ["erin_run"])
 
     async def scenario() -> tuple[bool, list]:
