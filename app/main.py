@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -19,6 +20,7 @@ from app.queue import enqueue_pending_runs
 from app.routes import account, dashboard, downloads, events, files, health, runs
 from app.runs import fail_lost_runs
 from app.settings import get_settings
+from app.status_reads import close_reader
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +50,26 @@ async def _housekeeping_forever(interval_s: float) -> None:
             logger.exception("housekeeping failed; retrying in %.0f s", interval_s)
 
 
+def _freeze_startup_objects() -> None:
+    """Leave the objects created at start-up out of later garbage collections, once a process.
+
+    Modules, models and routes live as long as the process. A full collection would scan them
+    all, and while it runs every request in flight waits: it raised get_status's p99 latency
+    from 13 ms to 65 ms at 64 clients in bench/api.py.
+    """
+    global _startup_frozen
+    if not _startup_frozen:
+        gc.collect()
+        gc.freeze()
+        _startup_frozen = True
+
+
+_startup_frozen = False
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    _freeze_startup_objects()
     task = asyncio.create_task(_housekeeping_forever(get_settings().enqueue_retry_s))
     try:
         yield
@@ -57,6 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await close_reader()
 
 
 def _serve_api_docs(app: FastAPI) -> None:
@@ -90,7 +111,8 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     _serve_api_docs(app)
-    for module in (files, runs, events, account, downloads):
+    # runs first: it serves get_status, the most frequent request, and routes match in order.
+    for module in (runs, files, events, account, downloads):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(health.router)
     app.include_router(dashboard.router)

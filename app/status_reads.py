@@ -8,7 +8,8 @@ On PostgreSQL the reads of one API process are coalesced. When no read is in fli
 request's query starts on the next turn of the event loop. While one is in flight, the
 requests that arrive wait for it to finish and then go together in one query. So each request
 reads from a query that started after it arrived, and under load one round trip serves many
-requests. On SQLite each request runs its own query in a worker thread.
+requests. The reader of each event loop keeps one connection of its own, so a query costs no
+pool checkout. On SQLite each request runs its own query in a worker thread.
 """
 
 import asyncio
@@ -16,15 +17,19 @@ import logging
 import weakref
 from typing import Any
 
-from sqlalchemy import Text, bindparam, func, select
+import psycopg
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Text, bindparam, func, make_url, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from app.accounts import last_used_is_stale, touch_key
-from app.db import fetch_all, fetch_first, get_async_engine, run_on_connection
+from app.db import fetch_first, get_async_engine, run_on_connection
 from app.errors import invalid_key
 from app.models import ApiKey, Run
 from app.runs import STATUS_COLUMNS, missing_run_name, run_not_found
 from app.security import hash_api_key, hashes_match
+from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +73,22 @@ COALESCED_STATUS_QUERY = (
     .outerjoin(Run, (Run.account_id == ApiKey.account_id) & (Run.name == _requested.c.run_name))
 )
 
+COALESCED_STATUS_SQL = str(COALESCED_STATUS_QUERY.compile(dialect=postgresql.psycopg.dialect()))
+
 Pair = tuple[str, str]
 
 
 class CoalescingReader:
     """Collects the status reads of one event loop and runs them in shared queries."""
 
-    def __init__(self, max_pairs: int = MAX_PAIRS_PER_QUERY) -> None:
+    def __init__(self, database_url: str, max_pairs: int = MAX_PAIRS_PER_QUERY) -> None:
+        # libpq takes the SQLAlchemy URL without its "+psycopg" driver name.
+        self.conninfo = make_url(database_url).set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
         self.max_pairs = max_pairs
         self.queries = 0
+        self._connection: psycopg.AsyncConnection | None = None
         self._waiting: dict[Pair, list[asyncio.Future]] = {}
         self._runner: asyncio.Task | None = None
 
@@ -95,12 +107,8 @@ class CoalescingReader:
                 batch = self._take_batch()
                 self.queries += 1
                 try:
-                    rows = await fetch_all(
-                        COALESCED_STATUS_QUERY,
-                        {
-                            "key_hashes": [key_hash for key_hash, _ in batch],
-                            "run_names": [run_name for _, run_name in batch],
-                        },
+                    rows = await self._fetch(
+                        [key_hash for key_hash, _ in batch], [run_name for _, run_name in batch]
                     )
                 except asyncio.CancelledError:
                     _settle(batch, cancel=True)
@@ -122,6 +130,33 @@ class CoalescingReader:
             # Requests that arrived after a cancellation are cancelled too.
             while self._waiting:
                 _settle(self._take_batch(), cancel=True)
+
+    async def _fetch(self, key_hashes: list[str], run_names: list[str]) -> list[Any]:
+        """Run the coalesced query, once more on a new connection if the connection died."""
+        parameters = {"key_hashes": key_hashes, "run_names": run_names}
+        for attempt in range(2):
+            if self._connection is None or self._connection.closed:
+                self._connection = await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True
+                )
+            connection = self._connection
+            try:
+                async with connection.cursor(row_factory=namedtuple_row) as cursor:
+                    await cursor.execute(COALESCED_STATUS_SQL, parameters)
+                    return await cursor.fetchall()
+            except psycopg.OperationalError as error:
+                self._connection = None
+                await connection.close()
+                if attempt:
+                    raise
+                logger.warning("status read connection lost (%s); retrying on a new one", error)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        """Close the reader's connection; a later read opens a new one."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            await connection.close()
 
     def _take_batch(self) -> dict[Pair, list[asyncio.Future]]:
         if len(self._waiting) <= self.max_pairs:
@@ -154,8 +189,15 @@ def coalescing_reader() -> CoalescingReader:
     loop = asyncio.get_running_loop()
     reader = _readers.get(loop)
     if reader is None:
-        reader = _readers[loop] = CoalescingReader()
+        reader = _readers[loop] = CoalescingReader(get_settings().database_url)
     return reader
+
+
+async def close_reader() -> None:
+    """Close the connection of this event loop's reader, if it has one."""
+    reader = _readers.get(asyncio.get_running_loop())
+    if reader is not None:
+        await reader.close()
 
 
 async def read_status(api_key: str, run_name: str | None) -> Any:

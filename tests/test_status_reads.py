@@ -1,17 +1,17 @@
 """get_status reads on PostgreSQL: concurrent requests share queries and never see old data."""
 
 import asyncio
+from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 
-from app import status_reads
 from app.accounts import authenticate, create_account, revoke_key
 from app.db import session_scope
 from app.errors import ApiError
 from app.models import Run
+from app.status_reads import CoalescingReader, close_reader, coalescing_reader, read_status
 from app.statuses import RunStatus
-from app.status_reads import CoalescingReader, coalescing_reader, read_status
 
 
 def add_run(account_id: int, name: str) -> None:
@@ -36,6 +36,18 @@ def new_account(name: str, run_names: list[str]) -> str:
     for run_name in run_names:
         add_run(account_id, run_name)
     return key
+
+
+def run_and_close(scenario):
+    """Run `scenario()` in a new event loop, then close that loop's status reader."""
+
+    async def run() -> Any:
+        try:
+            return await scenario()
+        finally:
+            await close_reader()
+
+    return asyncio.run(run())
 
 
 async def status_code_of(api_key: str, run_name: str | None) -> int | str:
@@ -70,7 +82,7 @@ def test_concurrent_reads_share_one_query(postgres_service):
         )
         return answers, coalescing_reader().queries
 
-    answers, queries = asyncio.run(scenario())
+    answers, queries = run_and_close(scenario)
 
     assert answers == [expected for _, _, expected in requests]
     # 42 requests over 7 distinct pairs arrived on one turn of the loop: one query.
@@ -80,21 +92,21 @@ def test_concurrent_reads_share_one_query(postgres_service):
 def test_read_during_query_waits_for_next(postgres_service, monkeypatch):
     """A key revoked while a query is in flight is refused to the requests that come after."""
     key = new_account("carol", ["carol_run"])
-    real_fetch_all = status_reads.fetch_all
+    real_fetch = CoalescingReader._fetch
     calls: list[list[str]] = []
 
     async def scenario() -> tuple[int | str, int | str]:
         executed, release = asyncio.Event(), asyncio.Event()
 
-        async def fetch_all_then_hold(query, parameters):
-            calls.append(list(parameters["key_hashes"]))
-            rows = await real_fetch_all(query, parameters)
+        async def fetch_then_hold(reader, key_hashes, run_names):
+            calls.append(key_hashes)
+            rows = await real_fetch(reader, key_hashes, run_names)
             if len(calls) == 1:
                 executed.set()
                 await release.wait()
             return rows
 
-        monkeypatch.setattr(status_reads, "fetch_all", fetch_all_then_hold)
+        monkeypatch.setattr(CoalescingReader, "_fetch", fetch_then_hold)
         first = asyncio.create_task(status_code_of(key, "carol_run"))
         await executed.wait()
 
@@ -107,7 +119,7 @@ def test_read_during_query_waits_for_next(postgres_service, monkeypatch):
         release.set()
         return await first, await second
 
-    first, second = asyncio.run(scenario())
+    first, second = run_and_close(scenario)
 
     assert first == RunStatus.PENDING.value
     assert second == 401
@@ -116,15 +128,15 @@ def test_read_during_query_waits_for_next(postgres_service, monkeypatch):
 
 def test_failed_query_fails_its_requests_only(postgres_service, monkeypatch):
     key = new_account("dave", ["dave_run"])
-    real_fetch_all = status_reads.fetch_all
+    real_fetch = CoalescingReader._fetch
     failures = [RuntimeError("connection refused")]
 
-    async def fail_once(query, parameters):
+    async def fail_once(reader, key_hashes, run_names):
         if failures:
             raise failures.pop()
-        return await real_fetch_all(query, parameters)
+        return await real_fetch(reader, key_hashes, run_names)
 
-    monkeypatch.setattr(status_reads, "fetch_all", fail_once)
+    monkeypatch.setattr(CoalescingReader, "_fetch", fail_once)
 
     async def scenario() -> tuple[list, int | str]:
         failed = await asyncio.gather(
@@ -132,7 +144,7 @@ def test_failed_query_fails_its_requests_only(postgres_service, monkeypatch):
         )
         return failed, await status_code_of(key, "dave_run")
 
-    failed, later = asyncio.run(scenario())
+    failed, later = run_and_close(scenario)
 
     assert [str(error) for error in failed] == ["connection refused"] * 3
     assert later == RunStatus.PENDING.value
@@ -151,7 +163,7 @@ def test_cancelled_read_leaves_others(postgres_service):
             await leaving
         return leaving.cancelled(), answers
 
-    cancelled, answers = asyncio.run(scenario())
+    cancelled, answers = run_and_close(scenario)
 
     assert cancelled
     assert answers == [RunStatus.PENDING.value] * 3
@@ -159,7 +171,7 @@ def test_cancelled_read_leaves_others(postgres_service):
 
 def test_large_batches_are_split(postgres_service):
     key = new_account("frank", [f"frank_run_{index}" for index in range(7)])
-    reader = CoalescingReader(max_pairs=3)
+    reader = CoalescingReader(postgres_service.database_url, max_pairs=3)
 
     async def scenario() -> list:
         from app.security import hash_api_key
@@ -167,9 +179,29 @@ def test_large_batches_are_split(postgres_service):
         rows = await asyncio.gather(
             *(reader.read(hash_api_key(key), f"frank_run_{index}") for index in range(7))
         )
+        await reader.close()
         return [row.name for row in rows]
 
     names = asyncio.run(scenario())
 
     assert names == [f"frank_run_{index}" for index in range(7)]
     assert reader.queries == 3
+
+
+def test_lost_connection_is_replaced(postgres_service):
+    key = new_account("grace", ["grace_run"])
+
+    async def scenario() -> tuple[int | str, int | str, int, int]:
+        first = await status_code_of(key, "grace_run")
+        reader = coalescing_reader()
+        lost_pid = reader._connection.info.backend_pid
+        with session_scope() as session:
+            session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": lost_pid})
+        second = await status_code_of(key, "grace_run")
+        return first, second, lost_pid, reader._connection.info.backend_pid
+
+    first, second, lost_pid, new_pid = run_and_close(scenario)
+
+    assert first == RunStatus.PENDING.value
+    assert second == RunStatus.PENDING.value
+    assert new_pid != lost_pid
