@@ -51,7 +51,7 @@ async def _housekeeping_forever(interval_s: float) -> None:
 
 
 def _freeze_startup_objects() -> None:
-    """Leave the objects created at start-up out of later garbage collections, once a process.
+    """Leave the objects created at start-up out of later garbage collections, once per process.
 
     Modules, models and routes live as long as the process. A full collection would scan them
     all, and while it runs every request in flight waits: it raised get_status's p99 latency

@@ -13,8 +13,8 @@ run to "Training DPO" with metrics, so that get_status returns a full body. It m
 1. get_status: requests per second and p50/p99 latency at each client count, and the same
    for `bench/bare_app.py`, a bare FastAPI endpoint that returns the same JSON with no
    database and no API key, served by uvicorn with the same arguments (worker count, log
-   level, and uvicorn's automatic choice of event loop and HTTP parser). Each request asks
-   for a run drawn at random, with its account's key, as many users polling their own runs
+   level, and uvicorn's automatic choice of event loop and HTTP parser). Each request polls
+   a run drawn at random, with its account's key, as many users polling their own runs
    would; the bare endpoint gets the same requests. The two servers are measured in turn,
    repeat by repeat, so that noise from other load hits both alike. The load generator is
    `wrk` when it is installed, otherwise an asyncio client in this process. Each
