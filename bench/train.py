@@ -41,6 +41,9 @@ CHILD_TIMEOUT_S = 3600
 # with the listed DPO optimisations switched on or off, to measure them one at a time.
 VARIANTS = {
     "plain": {"worker": False, "chunked_lm_head": False, "group_by_length": False, "malloc": False},
+    "plain-malloc": {
+        "worker": False, "chunked_lm_head": False, "group_by_length": False, "malloc": True
+    },
     "ours": {"worker": True, "chunked_lm_head": True, "group_by_length": True, "malloc": True},
     "ours-no-malloc": {
         "worker": True, "chunked_lm_head": True, "group_by_length": True, "malloc": False
