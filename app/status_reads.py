@@ -25,16 +25,20 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from app.accounts import last_used_is_stale, touch_key
 from app.db import fetch_first, get_async_engine, run_on_connection
-from app.errors import invalid_key
+from app.deps import enforce_request_limit
+from app.errors import ApiError, invalid_key
 from app.models import ApiKey, Run
 from app.runs import STATUS_COLUMNS, missing_run_name, run_not_found
 from app.security import hash_api_key, hashes_match
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
 # The most (key, run) pairs in one coalesced query; more wait for the next one.
 MAX_PAIRS_PER_QUERY = 500
+# Every get_status request of a process waits on the query in flight, so one that hangs (a
+# stuck connection) fails its requests after this long instead of stalling them all.
+QUERY_TIMEOUT_S = 10.0
 
 KEY_COLUMNS = (
     ApiKey.id.label("key_id"),
@@ -78,17 +82,28 @@ COALESCED_STATUS_SQL = str(COALESCED_STATUS_QUERY.compile(dialect=postgresql.psy
 Pair = tuple[str, str]
 
 
+class StatusReadFailed(Exception):
+    """A coalesced status query failed; each request that shared it gets its own instance."""
+
+
 class CoalescingReader:
     """Collects the status reads of one event loop and runs them in shared queries."""
 
-    def __init__(self, database_url: str, max_pairs: int = MAX_PAIRS_PER_QUERY) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        max_pairs: int = MAX_PAIRS_PER_QUERY,
+        timeout_s: float = QUERY_TIMEOUT_S,
+    ) -> None:
         # libpq takes the SQLAlchemy URL without its "+psycopg" driver name.
         self.conninfo = make_url(database_url).set(drivername="postgresql").render_as_string(
             hide_password=False
         )
         self.max_pairs = max_pairs
+        self.timeout_s = timeout_s
         self.queries = 0
         self._connection: psycopg.AsyncConnection | None = None
+        self._closed = False
         self._waiting: dict[Pair, list[asyncio.Future]] = {}
         self._runner: asyncio.Task | None = None
 
@@ -107,56 +122,79 @@ class CoalescingReader:
                 batch = self._take_batch()
                 self.queries += 1
                 try:
-                    rows = await self._fetch(
-                        [key_hash for key_hash, _ in batch], [run_name for _, run_name in batch]
-                    )
-                except asyncio.CancelledError:
-                    _settle(batch, cancel=True)
-                    raise
-                except Exception as error:
-                    logger.warning(
-                        "get_status query for %d requests failed: %s", len(batch), error
-                    )
-                    _settle(batch, error=error)
-                    continue
-                by_pair = {(row.requested_key_hash, row.requested_run_name): row for row in rows}
-                for pair, futures in batch.items():
-                    row = by_pair.get(pair)
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(row)
+                    await self._serve(batch)
+                finally:
+                    # Cancels what is still pending when `_serve` stopped early.
+                    _cancel(batch)
         finally:
             self._runner = None
             # Requests that arrived after a cancellation are cancelled too.
             while self._waiting:
-                _settle(self._take_batch(), cancel=True)
+                _cancel(self._take_batch())
+
+    async def _serve(self, batch: dict[Pair, list[asyncio.Future]]) -> None:
+        """Run one query for `batch` and give each request its row or the query's error."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                rows = await self._fetch(
+                    [key_hash for key_hash, _ in batch], [run_name for _, run_name in batch]
+                )
+        except Exception as error:
+            if isinstance(error, TimeoutError):
+                # The connection may be stuck mid-query; the next query opens a new one.
+                await self.close_connection()
+            requests = sum(len(futures) for futures in batch.values())
+            logger.warning("get_status query for %d requests failed: %r", requests, error)
+            for futures in batch.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(StatusReadFailed(f"status query failed: {error!r}"))
+            return
+
+        by_pair = {(row.requested_key_hash, row.requested_run_name): row for row in rows}
+        for pair, futures in batch.items():
+            row = by_pair.get(pair)
+            for future in futures:
+                if not future.done():
+                    future.set_result(row)
 
     async def _fetch(self, key_hashes: list[str], run_names: list[str]) -> list[Any]:
-        """Run the coalesced query, once more on a new connection if the connection died."""
+        """Run the coalesced query, once more on a new connection if the connection broke."""
         parameters = {"key_hashes": key_hashes, "run_names": run_names}
         for attempt in range(2):
-            if self._connection is None or self._connection.closed:
-                self._connection = await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True
-                )
-            connection = self._connection
+            connection = await self._open_connection()
             try:
                 async with connection.cursor(row_factory=namedtuple_row) as cursor:
                     await cursor.execute(COALESCED_STATUS_SQL, parameters)
                     return await cursor.fetchall()
             except psycopg.OperationalError as error:
-                self._connection = None
-                await connection.close()
+                if not connection.broken:
+                    raise
+                await self.close_connection()
                 if attempt:
                     raise
                 logger.warning("status read connection lost (%s); retrying on a new one", error)
         raise AssertionError("unreachable")
 
-    async def close(self) -> None:
-        """Close the reader's connection; a later read opens a new one."""
+    async def _open_connection(self) -> psycopg.AsyncConnection:
+        if self._closed:
+            raise StatusReadFailed("the status reader is closed: the server is shutting down")
+        if self._connection is None or self._connection.closed:
+            self._connection = await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True, connect_timeout=max(2, int(self.timeout_s))
+            )
+        return self._connection
+
+    async def close_connection(self) -> None:
+        """Close the reader's connection; the next query opens a new one."""
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await connection.close()
+
+    async def close(self) -> None:
+        """Close the connection for good: queries after this fail instead of reconnecting."""
+        self._closed = True
+        await self.close_connection()
 
     def _take_batch(self) -> dict[Pair, list[asyncio.Future]]:
         if len(self._waiting) <= self.max_pairs:
@@ -166,17 +204,11 @@ class CoalescingReader:
         return {pair: self._waiting.pop(pair) for pair in pairs}
 
 
-def _settle(
-    batch: dict[Pair, list[asyncio.Future]], *, error: Exception | None = None, cancel: bool = False
-) -> None:
+def _cancel(batch: dict[Pair, list[asyncio.Future]]) -> None:
     for futures in batch.values():
         for future in futures:
-            if future.done():
-                continue
-            if cancel:
+            if not future.done():
                 future.cancel()
-            else:
-                future.set_exception(error)
 
 
 # One reader per event loop: a future belongs to the loop that created it.
@@ -194,30 +226,61 @@ def coalescing_reader() -> CoalescingReader:
 
 
 async def close_reader() -> None:
-    """Close the connection of this event loop's reader, if it has one."""
-    reader = _readers.get(asyncio.get_running_loop())
+    """Close and forget the reader of this event loop, if it has one."""
+    reader = _readers.pop(asyncio.get_running_loop(), None)
     if reader is not None:
         await reader.close()
 
 
-async def read_status(api_key: str, run_name: str | None) -> Any:
-    """Authenticate `api_key` and return the `STATUS_COLUMNS` of its account's run.
+# Keys whose `last_used_at` update is in flight, so that the requests of one query that share
+# a key send one update, not one each.
+_keys_being_touched: set[int] = set()
 
-    Raises 401 for an invalid or revoked key, then 400 for a missing run name and 404 for a
-    run that does not exist or belongs to another account, as the other routes do.
+
+async def read_status(settings: Settings, api_key: str, run_name: Any) -> Any:
+    """Authenticate `api_key`, count the request against its limit, return the caller's run.
+
+    The run is returned as a row with the `STATUS_COLUMNS` as attributes. Errors come in the
+    order of the other routes: 401 for an invalid or revoked key, 429 over the rate limit,
+    400 for a missing or non-string run name, then 404 for a run that does not exist or
+    belongs to another account. A database that does not answer gives 503.
     """
     key_hash = hash_api_key(api_key)
+    # A value that cannot be a run name is looked up as "", which matches no run, so that it
+    # neither reaches the shared query nor skips the key check.
+    valid_name = isinstance(run_name, str) and "\x00" not in run_name
+    queried_name = run_name if valid_name else ""
     if get_async_engine() is None:
-        row = await fetch_first(STATUS_QUERY, {"key_hash": key_hash, "run_name": run_name or ""})
+        row = await fetch_first(STATUS_QUERY, {"key_hash": key_hash, "run_name": queried_name})
     else:
-        row = await coalescing_reader().read(key_hash, run_name or "")
+        try:
+            row = await coalescing_reader().read(key_hash, queried_name)
+        except StatusReadFailed as error:
+            raise ApiError(
+                503,
+                "Service unavailable: the database did not answer the status query. Retry in a "
+                "few seconds.",
+                headers={"Retry-After": "5"},
+            ) from error
+
     if row is None or row.key_revoked_at is not None or not hashes_match(row.key_hash, api_key):
         raise invalid_key()
-    if last_used_is_stale(row.key_last_used_at):
-        await run_on_connection(touch_key, row.key_id)
-    if not run_name:
+    if last_used_is_stale(row.key_last_used_at) and row.key_id not in _keys_being_touched:
+        _keys_being_touched.add(row.key_id)
+        try:
+            await run_on_connection(touch_key, row.key_id)
+        finally:
+            _keys_being_touched.discard(row.key_id)
+    await enforce_request_limit(settings, row.key_id)
+
+    if run_name is None or run_name == "":
         raise missing_run_name()
+    if not isinstance(run_name, str):
+        raise ApiError(
+            400,
+            f"Invalid request: run_name must be a string, not {run_name!r}. Pass the name "
+            "run_dpo returned.",
+        )
     if row.name is None:
         raise run_not_found(run_name)
     return row
-

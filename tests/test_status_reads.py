@@ -1,6 +1,7 @@
 """get_status reads on PostgreSQL: concurrent requests share queries and never see old data."""
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from app.accounts import authenticate, create_account, revoke_key
 from app.db import session_scope
 from app.errors import ApiError
 from app.models import Run
+from app.settings import get_settings
 from app.status_reads import CoalescingReader, close_reader, coalescing_reader, read_status
 from app.statuses import RunStatus
 
@@ -50,9 +52,10 @@ def run_and_close(scenario):
     return asyncio.run(run())
 
 
-async def status_code_of(api_key: str, run_name: str | None) -> int | str:
+async def status_code_of(api_key: str, run_name: Any) -> int | str:
+    """Return the run's status, or the HTTP status code of the error read_status raised."""
     try:
-        row = await read_status(api_key, run_name)
+        row = await read_status(get_settings(), api_key, run_name)
     except ApiError as error:
         return error.status_code
     return row.status
@@ -73,7 +76,10 @@ def test_concurrent_reads_share_one_query(postgres_service):
         (bob, "alice_run_1", 404),  # someone else's run
         (alice, "no_such_run", 404),
         (alice, None, 400),
+        (alice, 5, 400),  # a number in a JSON body
+        (alice, "alice\x00run", 404),  # PostgreSQL rejects NUL in text
         ("rd-" + "x" * 40, "alice_run_1", 401),
+        ("rd-" + "x" * 40, None, 401),
     ] * 6
 
     async def scenario() -> tuple[list, int]:
@@ -85,12 +91,12 @@ def test_concurrent_reads_share_one_query(postgres_service):
     answers, queries = run_and_close(scenario)
 
     assert answers == [expected for _, _, expected in requests]
-    # 42 requests over 7 distinct pairs arrived on one turn of the loop: one query.
+    # 60 requests over 9 distinct pairs arrived on one turn of the loop: one query.
     assert queries == 1
 
 
 def test_read_during_query_waits_for_next(postgres_service, monkeypatch):
-    """A key revoked while a query is in flight is refused to the requests that come after."""
+    """A key revoked while a query is in flight is rejected for the requests after it."""
     key = new_account("carol", ["carol_run"])
     real_fetch = CoalescingReader._fetch
     calls: list[list[str]] = []
@@ -129,35 +135,78 @@ def test_read_during_query_waits_for_next(postgres_service, monkeypatch):
 def test_failed_query_fails_its_requests_only(postgres_service, monkeypatch):
     key = new_account("dave", ["dave_run"])
     real_fetch = CoalescingReader._fetch
-    failures = [RuntimeError("connection refused")]
-
-    async def fail_once(reader, key_hashes, run_names):
-        if failures:
-            raise failures.pop()
-        return await real_fetch(reader, key_hashes, run_names)
-
-    monkeypatch.setattr(CoalescingReader, "_fetch", fail_once)
 
     async def scenario() -> tuple[list, int | str]:
-        failed = await asyncio.gather(
-            *(status_code_of(key, "dave_run") for _ in range(3)), return_exceptions=True
-        )
-        return failed, await status_code_of(key, "dave_run")
+        failing, release = asyncio.Event(), asyncio.Event()
+
+        async def fail_first(reader, key_hashes, run_names):
+            if not failing.is_set():
+                failing.set()
+                await release.wait()
+                raise RuntimeError("connection refused")
+            return await real_fetch(reader, key_hashes, run_names)
+
+        monkeypatch.setattr(CoalescingReader, "_fetch", fail_first)
+        failed = [asyncio.create_task(status_code_of(key, "dave_run")) for _ in range(3)]
+        await failing.wait()
+        later = asyncio.create_task(status_code_of(key, "dave_run"))
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(*failed), await later
 
     failed, later = run_and_close(scenario)
 
-    assert [str(error) for error in failed] == ["connection refused"] * 3
+    assert failed == [503] * 3
     assert later == RunStatus.PENDING.value
 
 
-def test_cancelled_read_leaves_others(postgres_service):
+def test_hung_query_times_out(postgres_service, monkeypatch):
+    key = new_account("heidi", ["heidi_run"])
+    real_fetch = CoalescingReader._fetch
+    calls: list[list[str]] = []
+
+    async def hang_first(reader, key_hashes, run_names):
+        calls.append(key_hashes)
+        if len(calls) == 1:
+            await asyncio.sleep(60)
+        return await real_fetch(reader, key_hashes, run_names)
+
+    monkeypatch.setattr(CoalescingReader, "_fetch", hang_first)
+
+    async def scenario() -> tuple[int | str, float, int | str]:
+        coalescing_reader().timeout_s = 0.2
+        started = time.monotonic()
+        hung = await status_code_of(key, "heidi_run")
+        waited_s = time.monotonic() - started
+        return hung, waited_s, await status_code_of(key, "heidi_run")
+
+    hung, waited_s, later = run_and_close(scenario)
+
+    assert hung == 503
+    assert waited_s < 5
+    assert later == RunStatus.PENDING.value
+
+
+def test_cancelled_read_leaves_others(postgres_service, monkeypatch):
+    """One request cancelled while its query is in flight; the others sharing it get rows."""
     key = new_account("erin", ["erin_run"])
+    real_fetch = CoalescingReader._fetch
 
     async def scenario() -> tuple[bool, list]:
+        executed, release = asyncio.Event(), asyncio.Event()
+
+        async def fetch_then_hold(reader, key_hashes, run_names):
+            rows = await real_fetch(reader, key_hashes, run_names)
+            executed.set()
+            await release.wait()
+            return rows
+
+        monkeypatch.setattr(CoalescingReader, "_fetch", fetch_then_hold)
         leaving = asyncio.create_task(status_code_of(key, "erin_run"))
         staying = [asyncio.create_task(status_code_of(key, "erin_run")) for _ in range(3)]
-        await asyncio.sleep(0)
+        await executed.wait()
         leaving.cancel()
+        release.set()
         answers = await asyncio.gather(*staying)
         with pytest.raises(asyncio.CancelledError):
             await leaving

@@ -9,7 +9,6 @@ from app.deps import (
     SessionDep,
     SettingsDep,
     check_key_present,
-    enforce_request_limit,
     get_storage,
 )
 from app.downloads import download_url
@@ -56,10 +55,9 @@ async def get_status(request: Request, body: JsonObject = None) -> Response:
         run_name = body.get("run_name") or body.get("run_id")
     api_key = check_key_present(request.headers.get("x-api-key"))
 
-    run = await status_reads.read_status(api_key, run_name)
-
     settings = get_settings()
-    await enforce_request_limit(settings, run.key_id)
+    run = await status_reads.read_status(settings, api_key, run_name)
+
     payload = runs.status_payload(run, download_url(settings, get_storage(), run))
     # orjson directly: FastAPI's validation and encoding of a returned dict cost more.
     return Response(orjson.dumps(payload), media_type="application/json")
