@@ -100,20 +100,6 @@ async def fetch_first(query: Select, parameters: Mapping[str, Any]) -> Any | Non
     engine = get_async_engine()
     if engine is None:
         return await run_in_threadpool(_run_with_sync_connection, _first_row, query, parameters)
-    return await _fetch_with_psycopg(engine, query, parameters, all_rows=False)
-
-
-async def fetch_all(query: Select, parameters: Mapping[str, Any]) -> list[Any]:
-    """Run a SELECT and return all its rows, as `fetch_first` does for the first one."""
-    engine = get_async_engine()
-    if engine is None:
-        return await run_in_threadpool(_run_with_sync_connection, _all_rows, query, parameters)
-    return await _fetch_with_psycopg(engine, query, parameters, all_rows=True)
-
-
-async def _fetch_with_psycopg(
-    engine: AsyncEngine, query: Select, parameters: Mapping[str, Any], *, all_rows: bool
-) -> Any:
     sql = _compiled_sql(query, engine)
     for attempt in range(2):
         async with engine.connect() as connection:
@@ -121,7 +107,7 @@ async def _fetch_with_psycopg(
             try:
                 async with driver_connection.cursor(row_factory=namedtuple_row) as cursor:
                     await cursor.execute(sql, parameters)
-                    return await (cursor.fetchall() if all_rows else cursor.fetchone())
+                    return await cursor.fetchone()
             except psycopg.OperationalError as error:
                 if attempt or not driver_connection.broken:
                     raise
@@ -132,10 +118,6 @@ async def _fetch_with_psycopg(
 
 def _first_row(connection: Connection, query: Select, parameters: Mapping[str, Any]) -> Any:
     return connection.execute(query, dict(parameters)).first()
-
-
-def _all_rows(connection: Connection, query: Select, parameters: Mapping[str, Any]) -> list[Any]:
-    return list(connection.execute(query, dict(parameters)).all())
 
 
 _sql_by_query: dict[Select, str] = {}
