@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from torch.utils.data import SequentialSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from tests.test_training import real_pairs
@@ -94,7 +94,7 @@ def tiny_dpo_trainer(model_dir: Path, trainer_class, output_dir: Path, **kwargs)
     )
 
 
-def trained_lora_gradients(trainer: DPOTrainer, batch: dict) -> tuple[float, dict]:
+def trained_lora_gradients(trainer: Trainer, batch: dict) -> tuple[float, dict]:
     trainer.model.train()
     trainer.model.zero_grad()
     # A LoRA B matrix starts at zero, so give the adapter weights to make the policy differ
@@ -114,6 +114,18 @@ def trained_lora_gradients(trainer: DPOTrainer, batch: dict) -> tuple[float, dic
     return loss.item(), gradients
 
 
+def assert_same_loss_and_gradients(plain: Trainer, fast: Trainer, batch: dict) -> None:
+    """Assert that both trainers give the same loss and LoRA gradients on `batch`."""
+    plain_loss, plain_gradients = trained_lora_gradients(plain, batch)
+    fast_loss, fast_gradients = trained_lora_gradients(fast, batch)
+
+    assert abs(plain_loss - fast_loss) < TOLERANCE
+    assert plain_gradients.keys() == fast_gradients.keys()
+    assert plain_gradients
+    largest = max((plain_gradients[k] - fast_gradients[k]).abs().max() for k in plain_gradients)
+    assert largest < TOLERANCE
+
+
 def test_fast_trainer_loss_matches_trl(tmp_path: Path, tiny_model_dir: Path):  # noqa: F811
     plain = tiny_dpo_trainer(tiny_model_dir, DPOTrainer, tmp_path / "plain")
     fast = tiny_dpo_trainer(
@@ -124,14 +136,7 @@ def test_fast_trainer_loss_matches_trl(tmp_path: Path, tiny_model_dir: Path):  #
     assert chunked_head_supported(base_model)
     assert "add_chunked_lm_head" in base_model.forward.__func__.__code__.co_qualname
 
-    plain_loss, plain_gradients = trained_lora_gradients(plain, batch)
-    fast_loss, fast_gradients = trained_lora_gradients(fast, batch)
-
-    assert abs(plain_loss - fast_loss) < TOLERANCE
-    assert plain_gradients.keys() == fast_gradients.keys()
-    assert plain_gradients
-    largest = max((plain_gradients[k] - fast_gradients[k]).abs().max() for k in plain_gradients)
-    assert largest < TOLERANCE
+    assert_same_loss_and_gradients(plain, fast, batch)
     plain_metrics = {key: values[-1] for key, values in plain._metrics["train"].items()}
     fast_metrics = {key: values[-1] for key, values in fast._metrics["train"].items()}
     assert plain_metrics.keys() == fast_metrics.keys()
@@ -175,18 +180,12 @@ def test_fast_sft_trainer_matches_trl(tmp_path: Path, tiny_model_dir: Path, pack
     )
     batch = plain.data_collator([plain.train_dataset[i] for i in range(2)])
     labels = batch["labels"]
-    assert (labels == -100).any() and (labels != -100).any()
+    assert (labels == -100).any()
+    assert (labels != -100).any()
     base_model = fast.model.get_base_model()
     assert "add_chunked_lm_head" in base_model.forward.__func__.__code__.co_qualname
 
-    plain_loss, plain_gradients = trained_lora_gradients(plain, batch)
-    fast_loss, fast_gradients = trained_lora_gradients(fast, batch)
-
-    assert abs(plain_loss - fast_loss) < TOLERANCE
-    assert plain_gradients.keys() == fast_gradients.keys()
-    assert plain_gradients
-    largest = max((plain_gradients[k] - fast_gradients[k]).abs().max() for k in plain_gradients)
-    assert largest < TOLERANCE
+    assert_same_loss_and_gradients(plain, fast, batch)
     for key in ("entropy", "mean_token_accuracy"):
         plain_value = plain._metrics["train"][key][-1]
         assert fast._metrics["train"][key][-1] == pytest.approx(plain_value, abs=1e-4), key

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch.utils.data import Sampler, SequentialSampler
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, Trainer
 from trl import DPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
@@ -198,6 +198,23 @@ def add_chunked_lm_head(model: PreTrainedModel, chunk_tokens: int, metric_fields
     model.forward = types.MethodType(forward, model)
 
 
+def install_chunked_lm_head(
+    trainer: Trainer, chunk_tokens: int, metric_fields: tuple[str, ...]
+) -> None:
+    """Give the trainer's model the chunked head, on the CPU and where the model allows it."""
+    # NOTE: on CUDA, TRL 1.16 already scores only the labelled positions with a Triton
+    # kernel, so the chunked head is used on the CPU only.
+    if trainer.accelerator.device.type != "cpu":
+        return
+    model = trainer.model
+    if is_peft_model(model):
+        model = model.get_base_model()
+    if not chunked_head_supported(model):
+        logger.info("keeping TRL's fused LM head: %s scales or caps its logits", type(model))
+        return
+    add_chunked_lm_head(model, chunk_tokens, metric_fields)
+
+
 class FastDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer with the compact LM head on the CPU and seeded length-grouped batches.
 
@@ -210,18 +227,11 @@ class FastDPOTrainer(DPOTrainer):
         self.speedups = speedups
         if not speedups.chunked_lm_head:
             return
-        # NOTE: on CUDA, TRL 1.16 already scores only the labelled positions with a Triton
-        # kernel, so the chunked head is used on the CPU only.
-        if self.accelerator.device.type != "cpu":
-            return
-        if self.use_weighting or self.ref_model is not None:
+        on_cpu = self.accelerator.device.type == "cpu"
+        if on_cpu and (self.use_weighting or self.ref_model is not None):
             logger.info("keeping TRL's fused LM head: WPO weighting or a separate reference model")
             return
-        model = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        if not chunked_head_supported(model):
-            logger.info("keeping TRL's fused LM head: %s scales or caps its logits", type(model))
-            return
-        add_chunked_lm_head(model, speedups.chunk_tokens, METRIC_FIELDS)
+        install_chunked_lm_head(self, speedups.chunk_tokens, METRIC_FIELDS)
 
     def _get_train_sampler(self, train_dataset=None) -> Sampler | None:
         """Serve `train_sampling_strategy="group_by_length"` with `LengthBucketSampler`."""

@@ -7,18 +7,9 @@ position, prompt and padding included. With `completion_only_loss`, the chunked 
 loss and the logged metrics stay TRL's own.
 """
 
-import logging
-
-from accelerate.utils import is_peft_model
 from trl import SFTTrainer
 
-from worker.training.fast_dpo import (
-    DEFAULT_CHUNK_TOKENS,
-    add_chunked_lm_head,
-    chunked_head_supported,
-)
-
-logger = logging.getLogger(__name__)
+from worker.training.fast_dpo import DEFAULT_CHUNK_TOKENS, install_chunked_lm_head
 
 # The per-token fields that SFTTrainer reads for its logged metrics.
 SFT_METRIC_FIELDS = ("entropy", "is_top1")
@@ -29,12 +20,4 @@ class FastSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # NOTE: on CUDA, TRL 1.16 already scores only the labelled positions with a Triton
-        # kernel, so the chunked head is used on the CPU only.
-        if self.accelerator.device.type != "cpu":
-            return
-        model = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        if not chunked_head_supported(model):
-            logger.info("keeping TRL's fused LM head: %s scales or caps its logits", type(model))
-            return
-        add_chunked_lm_head(model, chunk_tokens, SFT_METRIC_FIELDS)
+        install_chunked_lm_head(self, chunk_tokens, SFT_METRIC_FIELDS)
