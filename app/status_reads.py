@@ -241,9 +241,9 @@ async def read_status(settings: Settings, api_key: str, run_name: Any) -> Any:
     """Authenticate `api_key`, count the request against its limit, return the caller's run.
 
     The run is returned as a row with the `STATUS_COLUMNS` as attributes. Errors come in the
-    order of the other routes: 401 for an invalid or revoked key, 429 over the rate limit,
-    400 for a missing or non-string run name, then 404 for a run that does not exist or
-    belongs to another account. A database that does not answer gives 503.
+    order of the other routes. First 401 for an invalid or revoked key and 429 over the rate
+    limit. Then 400 for a missing or non-string run name, and 404 for a run that does not
+    exist or belongs to another account. A database that does not answer gives 503.
     """
     key_hash = hash_api_key(api_key)
     # A value that cannot be a run name is looked up as "", which matches no run, so that it

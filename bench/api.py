@@ -15,7 +15,7 @@ run to "Training DPO" with metrics, so that get_status returns a full body. It m
    database and no API key, served by uvicorn with the same arguments (worker count, log
    level, and uvicorn's automatic choice of event loop and HTTP parser). Each request polls
    a run drawn at random, with its account's key, as many users polling their own runs
-   would; the bare endpoint gets the same requests. The two servers are measured in turn,
+   would. The bare endpoint gets the same requests. The two servers are measured in turn,
    repeat by repeat, so that noise from other load hits both alike. The load generator is
    `wrk` when it is installed, otherwise an asyncio client in this process. Each
    measurement stops after `--duration-s` or `--max-requests`.
